@@ -1,0 +1,635 @@
+"""Kaggle's MNIST CSVs in, validated uint8 digit tensors out.
+
+CSV layouts and fast parsing with line-and-column errors, the parse cache, the `MNISTCSV` Dataset,
+the on-device batch iterator with batched augmentation, finding the data, and the Kaggle download.
+
+    python dataset.py explore [CSV]     # rows, class counts, pixel statistics, figures
+    python dataset.py download          # oddrationale/mnist-in-csv into data/
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import io
+import math
+import os
+import re
+import sys
+import zipfile
+import zlib
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from atomic import atomic_write
+
+ROOT = Path(__file__).resolve().parent
+DATA_DIR = ROOT / "data"
+SAMPLE_DIR = DATA_DIR / "sample"
+KAGGLE_DATASET = "oddrationale/mnist-in-csv"
+KAGGLE_ZIP = "mnist-in-csv.zip"
+MANUAL_DOWNLOAD = f"kaggle datasets download -d {KAGGLE_DATASET} -p data --unzip"
+
+SIDE = 28
+PIXELS = SIDE * SIDE
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+DIGIT_CLASSES = tuple(str(d) for d in range(10))
+FASHION_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+
+# Header layouts Kaggle serves, by name: (column names, class names).
+_MNIST_IN_CSV = tuple(f"{r}x{c}" for r in range(1, SIDE + 1) for c in range(1, SIDE + 1))
+_PIXEL0 = tuple(f"pixel{i}" for i in range(PIXELS))
+_PIXEL1 = tuple(f"pixel{i}" for i in range(1, PIXELS + 1))
+LAYOUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "mnist-in-csv": (("label", *_MNIST_IN_CSV), DIGIT_CLASSES),
+    "digit-recognizer": (("label", *_PIXEL0), DIGIT_CLASSES),
+    "digit-recognizer-test": (_PIXEL0, DIGIT_CLASSES),
+    "fashion-mnist": (("label", *_PIXEL1), FASHION_CLASSES),
+    "fashion-mnist-unlabelled": (_PIXEL1, FASHION_CLASSES),
+}
+_BY_HEADER = {columns: name for name, (columns, _) in LAYOUTS.items()}
+PARSER_VERSION = 1  # bump when parsing changes, so that old cache entries are ignored
+CHUNK_BYTES = 1 << 20
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+_NEWLINE, _COMMA, _ZERO, _NINE = 10, 44, 48, 57
+
+
+class UserError(Exception):
+    """Bad input or a bad flag: a CLI prints it as one `error:` line and exits with code 2."""
+
+
+def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:
+    """Run a CLI entry point, turning a UserError into one line on stderr and exit code 2."""
+    try:
+        main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+@dataclass
+class CSVData:
+    """One parsed CSV: uint8 images [N,28,28], int64 labels [N] (None when unlabelled)."""
+
+    images: np.ndarray
+    labels: np.ndarray | None
+    layout: str
+    source: str
+
+    @property
+    def ids(self) -> np.ndarray:
+        """Row ids, 1 for the first data row (Kaggle's ImageId)."""
+        return np.arange(1, len(self.images) + 1, dtype=np.int64)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return LAYOUTS[self.layout][1] if self.layout in LAYOUTS else DIGIT_CLASSES
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+# ---------------------------------------------------------------- reading bytes
+
+
+def split_member(source: str | Path) -> tuple[Path, str | None]:
+    """`archive.zip::member.csv` -> (archive path, member); anything else -> (path, None)."""
+    text = str(source)
+    if "::" in text:
+        path, member = text.split("::", 1)
+        return Path(path), member
+    return Path(text), None
+
+
+def _pick_member(zf: zipfile.ZipFile, member: str | None, where: str) -> str:
+    csvs = [n for n in zf.namelist() if n.lower().endswith(".csv") and "__MACOSX" not in n]
+    if member is not None:
+        hits = [n for n in csvs if n == member or Path(n).name == member]
+        if len(hits) != 1:
+            raise UserError(
+                f"{where}: no single member named {member} (it holds: {', '.join(csvs)})"
+            )
+        return hits[0]
+    if not csvs:
+        raise UserError(f"{where}: the zip holds no CSV file (give a zip of Kaggle's MNIST CSVs)")
+    if len(csvs) > 1:
+        raise UserError(
+            f"{where}: the zip holds several CSV files: {', '.join(csvs)} "
+            f"(name one, as {where}::{Path(csvs[0]).name})"
+        )
+    return csvs[0]
+
+
+def read_source_bytes(source: str | Path) -> tuple[bytes, str]:
+    """Raw CSV bytes of a .csv, .csv.gz or .zip(::member) file, and the name used in messages."""
+    path, member = split_member(source)
+    where = str(path)
+    if not path.exists():
+        raise UserError(f"{where}: no such file (check the path, or run: {MANUAL_DOWNLOAD})")
+    if path.is_dir():
+        raise UserError(f"{where}: is a directory (give a CSV file)")
+    try:
+        if path.suffix.lower() == ".zip" or (member and zipfile.is_zipfile(path)):
+            with zipfile.ZipFile(path) as zf:
+                name = _pick_member(zf, member, where)
+                return zf.read(name), f"{where}::{name}"
+        raw = path.read_bytes()
+        if path.suffix.lower() == ".gz" or raw[:2] == b"\x1f\x8b":
+            return gzip.decompress(raw), where
+        return raw, where
+    except (zipfile.BadZipFile, gzip.BadGzipFile, zlib.error, EOFError) as e:
+        kind = "zip" if path.suffix.lower() == ".zip" else "gzip"
+        raise UserError(f"{where}: corrupt {kind} file: {e} (download it again)") from None
+    except PermissionError:
+        raise UserError(f"{where}: permission denied (make the file readable)") from None
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def _is_number(cell: str) -> bool:
+    return bool(_NUMBER.fullmatch(cell.strip()))
+
+
+def _detect_layout(first_line: str, where: str) -> tuple[str, int, bool, tuple[str, ...] | None]:
+    """(layout name, column count, labelled, header) from the first line."""
+    cells = [c.strip().strip('"').lower() for c in first_line.split(",")]
+    if all(_is_number(c) for c in cells):
+        if len(cells) == PIXELS + 1:
+            return "headerless", len(cells), True, None
+        if len(cells) == PIXELS:
+            return "headerless-unlabelled", len(cells), False, None
+        raise UserError(
+            f"{where}:1: {len(cells)} columns "
+            f"(a headerless CSV needs {PIXELS + 1}: label then {PIXELS} pixels, or {PIXELS} pixels)"
+        )
+    name = _BY_HEADER.get(tuple(cells))
+    if name is None:
+        shown = ",".join(cells[:3]) + (",..." if len(cells) > 3 else "")
+        raise UserError(
+            f"{where}:1: unknown header {shown} with {len(cells)} columns (expected "
+            "label,1x1..28x28 or label,pixel0..pixel783 or label,pixel1..pixel784, "
+            "the label optional, or no header)"
+        )
+    columns = LAYOUTS[name][0]
+    return name, len(columns), columns[0] == "label", columns
+
+
+def _parse_chunk_fast(c: np.ndarray, ncols: int, labelled: bool) -> np.ndarray | None:
+    """Rows of plain `d,dd,ddd\\n` cells as uint8 [rows, ncols], or None if anything is unusual."""
+    if c.max() > _NINE:
+        return None
+    seps = np.flatnonzero(c < _ZERO)  # every comma and newline (and anything else unusual)
+    ends = np.flatnonzero(c == _NEWLINE)
+    rows = len(ends)
+    if len(seps) != rows * ncols or np.count_nonzero(c == _COMMA) != len(seps) - rows:
+        return None
+    if not np.array_equal(seps[ncols - 1 :: ncols], ends):
+        return None
+    width = np.empty_like(seps)  # cell length + 1
+    width[0] = seps[0] + 1
+    np.subtract(seps[1:], seps[:-1], out=width[1:])
+    if width.min() < 2 or width.max() > 4:
+        return None
+    # Digits at 1, 2 and 3 places before each separator; the masks drop those of the cell before.
+    zero = np.uint8(_ZERO)
+    values = (c[seps - 1] - zero).astype(np.uint16)
+    values += (c[seps - 2] - zero) * (width >= 3).astype(np.uint16) * np.uint16(10)
+    values += (c[seps - 3] - zero).astype(np.uint16) * (width == 4) * np.uint16(100)
+    values = values.reshape(rows, ncols)
+    if values.max() > 255 or (labelled and values[:, 0].max() > 9):
+        return None
+    return values.astype(np.uint8)
+
+
+def _cell_problem(cell: str, is_label: bool) -> str | None:
+    """What is wrong with one cell, or None."""
+    text = cell.strip()
+    if not text:
+        return "empty cell"
+    if not _NUMBER.fullmatch(text):
+        return f"{text[:20]!r} is not a number"
+    value = float(text)
+    kind = "label" if is_label else "pixel"
+    if not value.is_integer():
+        return f"{kind} {text} is not a whole number"
+    top = 9 if is_label else 255
+    if not 0 <= value <= top:
+        return f"{kind} {text} is outside 0..{top}"
+    return None
+
+
+def _parse_chunk_exact(
+    text: str, first_line: int, ncols: int, labelled: bool, where: str, header: tuple | None
+) -> np.ndarray:
+    """Slow, exact parse of `\\n`-terminated rows; raises UserError at the first bad cell."""
+    lines = text.split("\n")[:-1]
+    out = np.empty((len(lines), ncols), np.uint8)
+    need = f"a label and {PIXELS} pixels" if labelled else f"{PIXELS} pixels"
+    for k, line in enumerate(lines):
+        at = f"{where}:{first_line + k}"
+        cells = line.split(",")
+        if len(cells) != ncols:
+            what = "empty row" if not line.strip() else f"{len(cells)} columns, expected {ncols}"
+            raise UserError(f"{at}: {what} (every row needs {need})")
+        try:
+            values = np.array(cells, dtype=np.float64)
+            ok = np.isfinite(values).all() and (values == np.round(values)).all()
+            ok = ok and values.min() >= 0 and values.max() <= 255
+            ok = ok and not (labelled and values[0] > 9)
+        except ValueError:
+            ok = False
+        if not ok:
+            for j, cell in enumerate(cells):
+                problem = _cell_problem(cell, labelled and j == 0)
+                if problem:
+                    name = header[j] if header else ("label" if labelled and j == 0 else "pixel")
+                    raise UserError(
+                        f"{at}: column {j + 1} ({name}): {problem} "
+                        "(labels are whole numbers 0..9, pixels whole numbers 0..255)"
+                    )
+            values = np.array([float(cell) for cell in cells])
+        out[k] = values
+    return out
+
+
+def parse_csv_bytes(data: bytes, where: str) -> CSVData:
+    """Validate and parse a whole CSV held in memory."""
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    if b"\r" in data:
+        data = data.replace(b"\r\n", b"\n")
+    if re.fullmatch(rb"\s*", data[:65536]) and not data.strip():
+        raise UserError(f"{where}: empty file (expected a header or rows of {PIXELS} pixels)")
+    if not data.endswith(b"\n"):
+        data += b"\n"
+    elif data.endswith(b"\n\n"):
+        data = data.rstrip(b"\n") + b"\n"
+    first_end = data.index(b"\n")
+    first = data[:first_end].decode("utf-8", errors="replace")
+    layout, ncols, labelled, header = _detect_layout(first, where)
+    start = 0 if header is None else first_end + 1
+    if start >= len(data):
+        raise UserError(f"{where}: header only, no data rows (the file looks cut short)")
+    buf = np.frombuffer(data, np.uint8)
+    bounds, lo = [], start
+    while lo < len(data):
+        hi = data.index(b"\n", min(lo + CHUNK_BYTES, len(data) - 1)) + 1
+        bounds.append((lo, hi))
+        lo = hi
+
+    def parse(bound: tuple[int, int]) -> np.ndarray:
+        lo, hi = bound
+        rows = _parse_chunk_fast(buf[lo:hi], ncols, labelled)
+        if rows is None:
+            text = data[lo:hi].decode("utf-8", errors="replace")
+            line = data.count(b"\n", 0, lo) + 1
+            rows = _parse_chunk_exact(text, line, ncols, labelled, where, header)
+        return rows
+
+    with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
+        tables = list(pool.map(parse, bounds))
+    images = np.empty((sum(map(len, tables)), PIXELS), np.uint8)
+    labels = np.empty(len(images), np.int64) if labelled else None
+    row = 0
+    for table in tables:
+        images[row : row + len(table)] = table[:, int(labelled) :]
+        if labels is not None:
+            labels[row : row + len(table)] = table[:, 0]
+        row += len(table)
+    return CSVData(images.reshape(-1, SIDE, SIDE), labels, layout, where)
+
+
+def read_csv(source: str | Path) -> CSVData:
+    """Read and validate one CSV (.csv, .csv.gz, .zip or archive.zip::member), no cache."""
+    data, where = read_source_bytes(source)
+    return parse_csv_bytes(data, where)
+
+
+# ---------------------------------------------------------------- parse cache
+
+
+def cache_dir() -> Path:
+    """Where parsed CSVs are kept: $MNIST_CACHE_DIR, else data/.cache."""
+    return Path(os.environ.get("MNIST_CACHE_DIR", DATA_DIR / ".cache"))
+
+
+def _cache_entry(source: str | Path) -> tuple[Path, str]:
+    """(cache file, key); the key changes whenever the CSV's bytes may have changed."""
+    path, member = split_member(source)
+    st = path.stat()
+    ident = f"{path.resolve()}::{member}"
+    key = f"v{PARSER_VERSION}|{ident}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", path.name)
+    digest = hashlib.sha1(ident.encode()).hexdigest()[:12]
+    return cache_dir() / f"{stem}-{digest}.npz", key
+
+
+def load_csv(source: str | Path, cache: bool = True) -> CSVData:
+    """`read_csv` through the parse cache: a repeat load of an unchanged file skips parsing."""
+    if not cache:
+        return read_csv(source)
+    path, _ = split_member(source)
+    if not path.is_file():
+        return read_csv(source)  # raises the right error
+    entry, key = _cache_entry(source)
+    try:
+        with np.load(entry, allow_pickle=False) as z:
+            if str(z["key"]) == key:
+                labels = z["labels"] if bool(z["labelled"]) else None
+                return CSVData(z["images"], labels, str(z["layout"]), str(z["source"]))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError):
+        pass
+    parsed = read_csv(source)
+    labels = parsed.labels if parsed.labels is not None else np.zeros(0, np.int64)
+    try:
+        with atomic_write(entry) as f:
+            np.savez(
+                f,
+                key=key,
+                images=parsed.images,
+                labels=labels,
+                labelled=parsed.labels is not None,
+                layout=parsed.layout,
+                source=parsed.source,
+            )
+    except OSError:
+        pass  # a read-only project directory only costs the cache
+    return parsed
+
+
+# ---------------------------------------------------------------- finding and downloading
+
+
+def kaggle_input_root() -> Path:
+    """Kaggle's read-only input directory ($KAGGLE_INPUT_ROOT overrides /kaggle/input)."""
+    return Path(os.environ.get("KAGGLE_INPUT_ROOT", "/kaggle/input"))
+
+
+def find_data(split: str, announce: bool = True) -> str:
+    """The CSV for `split` ('train' or 'test'): Kaggle input, then data/, then the sample."""
+    names = (f"mnist_{split}.csv", f"mnist_{split}.csv.gz")
+    kaggle_root = kaggle_input_root()
+    if kaggle_root.is_dir():
+        for name in (*names, f"{split}.csv"):
+            hits = sorted(kaggle_root.rglob(name))
+            if hits:
+                return str(hits[0])
+    for name in names:
+        if (DATA_DIR / name).is_file():
+            return str(DATA_DIR / name)
+    if (DATA_DIR / KAGGLE_ZIP).is_file():
+        return f"{DATA_DIR / KAGGLE_ZIP}::mnist_{split}.csv"
+    sample = SAMPLE_DIR / f"mnist_{split}.csv.gz"
+    if announce:
+        print(
+            f"note: using the bundled sample {sample.relative_to(ROOT)} (real digits, small); "
+            "for the full set run: python dataset.py download",
+            file=sys.stderr,
+        )
+    return str(sample)
+
+
+def _kaggle_api():
+    """The authenticated kaggle client; the package prints and exits when it has no credentials."""
+    chatter = io.StringIO()
+    try:
+        with redirect_stdout(chatter), redirect_stderr(chatter):
+            import kaggle
+
+            return kaggle.api
+    except (SystemExit, Exception):
+        raise UserError(
+            "kaggle: no usable Kaggle credentials (create a token at "
+            f"https://www.kaggle.com/settings/api, or download by hand: {MANUAL_DOWNLOAD})"
+        ) from None
+
+
+def download(dest: Path = DATA_DIR, unzip: bool = True, api=None) -> list[Path]:
+    """Fetch oddrationale/mnist-in-csv into `dest` with the kaggle client; return the CSVs found."""
+    api = api or _kaggle_api()
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        api.dataset_download_files(KAGGLE_DATASET, path=str(dest), unzip=unzip, quiet=False)
+    except Exception as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(
+            f"kaggle: download of {KAGGLE_DATASET} failed: {reason} "
+            f"(check the network, or download by hand: {MANUAL_DOWNLOAD})"
+        ) from None
+    return sorted(dest.glob("mnist_*.csv")) + sorted(dest.glob(KAGGLE_ZIP))
+
+
+# ---------------------------------------------------------------- splits and statistics
+
+
+def stratified_split(
+    labels: np.ndarray, val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded (train, validation) indices with each class split in the same proportion."""
+    if not 0 < val_fraction < 1:
+        raise UserError(f"--val-split {val_fraction}: must be between 0 and 1 (for example 0.1)")
+    rng = np.random.default_rng(seed)
+    val = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        val.append(idx[: round(len(idx) * val_fraction)])
+    val_idx = np.sort(np.concatenate(val))
+    return np.setdiff1d(np.arange(len(labels)), val_idx), val_idx
+
+
+def pixel_stats(images: np.ndarray) -> tuple[float, float]:
+    """Mean and standard deviation of the pixels, scaled to 0..1."""
+    x = torch.from_numpy(images).double().div_(255)
+    return float(x.mean()), float(x.std())
+
+
+# ---------------------------------------------------------------- tensors for training
+
+
+class MNISTCSV(Dataset):
+    """A standard map-style Dataset: item i is (normalized float [1,28,28], label), or the image
+    alone for unlabelled data."""
+
+    def __init__(
+        self, source: str | Path | CSVData, mean: float = MNIST_MEAN, std: float = MNIST_STD
+    ) -> None:
+        self.data = source if isinstance(source, CSVData) else load_csv(source)
+        self.images = torch.from_numpy(self.data.images)
+        self.labels = None if self.data.labels is None else torch.from_numpy(self.data.labels)
+        self.mean, self.std = mean, std
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        x = (self.images[i].float().div(255).sub(self.mean).div(self.std)).unsqueeze(0)
+        return x if self.labels is None else (x, int(self.labels[i]))
+
+
+@dataclass
+class Augment:
+    """Random small affine distortions, one per image, as batched tensor ops on any device."""
+
+    degrees: float = 10.0
+    translate: float = 0.1  # fraction of the side
+    scale: float = 0.1  # +- fraction
+    shear: float = 10.0  # degrees
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Distort a float batch [B,1,H,W] whose background is 0."""
+        n = x.shape[0]
+        u = torch.rand(n, 5, generator=generator, device=generator.device) * 2 - 1
+        u = u.to(x.device)
+        angle = u[:, 0] * math.radians(self.degrees)
+        shear = u[:, 1] * math.radians(self.shear)
+        scale = 1 + u[:, 2] * self.scale
+        cos, sin, tan = torch.cos(angle), torch.sin(angle), torch.tan(shear)
+        theta = torch.stack(
+            (
+                torch.stack(
+                    (cos * scale, (cos * tan - sin) * scale, u[:, 3] * 2 * self.translate), 1
+                ),
+                torch.stack(
+                    (sin * scale, (sin * tan + cos) * scale, u[:, 4] * 2 * self.translate), 1
+                ),
+            ),
+            1,
+        )
+        grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+class DeviceBatches:
+    """A whole split kept on one device as uint8, sliced into (optionally shuffled and augmented)
+    normalized float batches with no per-image Python work."""
+
+    def __init__(
+        self,
+        images: np.ndarray | torch.Tensor,
+        labels: np.ndarray | torch.Tensor | None,
+        batch_size: int,
+        device: torch.device | str = "cpu",
+        mean: float = MNIST_MEAN,
+        std: float = MNIST_STD,
+        shuffle: bool = False,
+        augment: Augment | None = None,
+        seed: int = 0,
+        drop_last: bool = False,
+        channels_last: bool = False,
+    ) -> None:
+        self.device = torch.device(device)
+        self.x = torch.as_tensor(images).to(self.device)
+        self.y = None if labels is None else torch.as_tensor(labels).to(self.device)
+        self.batch_size, self.mean, self.std = batch_size, mean, std
+        self.shuffle, self.augment, self.drop_last = shuffle, augment, drop_last
+        self.channels_last = channels_last
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        n, b = len(self.x), self.batch_size
+        return n // b if self.drop_last else -(-n // b)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        n = len(self.x)
+        order = (
+            torch.randperm(n, generator=self.generator).to(self.device) if self.shuffle else None
+        )
+        for k in range(len(self)):
+            sl = slice(k * self.batch_size, min(n, (k + 1) * self.batch_size))
+            idx = order[sl] if order is not None else sl
+            xb = self.x[idx].unsqueeze(1).float().div_(255)
+            if self.augment is not None:
+                xb = self.augment(xb, self.generator)
+            xb = xb.sub_(self.mean).div_(self.std)
+            if self.channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            yield xb, (None if self.y is None else self.y[idx])
+
+
+# ---------------------------------------------------------------- exploration CLI
+
+
+def explore(source: str, out_dir: Path, plots: bool = True) -> dict:
+    """Print rows, class counts and shares and pixel statistics; draw the exploration figures."""
+    data = load_csv(source)
+    mean, std = pixel_stats(data.images)
+    summary = {"source": data.source, "layout": data.layout, "rows": len(data)}
+    print(f"{data.source}: {len(data):,} rows, layout {data.layout}")
+    print(
+        f"pixels: mean {mean * 255:.2f} std {std * 255:.2f} (0..255), {mean:.4f} / {std:.4f} (0..1)"
+    )
+    summary.update(pixel_mean=mean, pixel_std=std)
+    if data.labels is not None:
+        counts = np.bincount(data.labels, minlength=10)
+        print(f"{'class':>14} {'count':>7} {'share':>6}")
+        for name, n in zip(data.class_names, counts, strict=True):
+            print(f"{name:>14} {n:>7,} {n / len(data):>6.1%}")
+        summary["class_counts"] = counts.tolist()
+    if plots:
+        import plots as figures
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        written = [figures.sample_images(data, out_dir / "sample_images.png")]
+        if data.labels is not None:
+            written.append(figures.class_distribution(data, out_dir / "class_distribution.png"))
+        written.append(figures.augmented_digits(data, Augment(), out_dir / "augmented_digits.png"))
+        print("wrote " + ", ".join(str(p) for p in written))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description="Explore or download Kaggle's MNIST CSVs.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser(
+        "explore",
+        help="print rows, class counts, pixel statistics; draw figures",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    ex.add_argument("csv", nargs="?", help="CSV, .csv.gz or .zip[::member]; default: found train")
+    ex.add_argument("--out-dir", type=Path, default=Path("outputs"), help="where figures go")
+    ex.add_argument("--no-plots", action="store_true", help="print statistics only")
+    dl = sub.add_parser(
+        "download",
+        help=f"fetch {KAGGLE_DATASET} with the kaggle client",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    dl.add_argument("--dest", type=Path, default=DATA_DIR, help="download directory")
+    dl.add_argument("--no-unzip", action="store_true", help="keep the zip as it is")
+    args = parser.parse_args(argv)
+    if args.command == "explore":
+        explore(args.csv or find_data("train"), args.out_dir, plots=not args.no_plots)
+    else:
+        found = download(args.dest, unzip=not args.no_unzip)
+        print("downloaded: " + ", ".join(str(p) for p in found))
+
+
+if __name__ == "__main__":
+    run_cli(main)

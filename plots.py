@@ -1,0 +1,97 @@
+"""Every figure of the project: matplotlib with the Agg backend, seaborn for heatmaps.
+
+Each function draws one figure, writes it atomically as PNG and returns its path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+from atomic import atomic_write
+
+DPI = 120
+
+
+def _save(fig, path: Path) -> Path:
+    with atomic_write(path) as f:
+        fig.savefig(f, format="png", dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _digit_grid(images: np.ndarray, titles: list[str], suptitle: str, cols: int = 10):
+    rows = -(-len(images) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.1, rows * 1.25))
+    for ax in np.atleast_1d(axes).ravel():
+        ax.axis("off")
+    for ax, img, title in zip(np.atleast_1d(axes).ravel(), images, titles, strict=False):
+        ax.imshow(img, cmap="gray_r", vmin=0, vmax=255)
+        ax.set_title(title, fontsize=8)
+    fig.suptitle(suptitle)
+    return fig
+
+
+def sample_images(data, path: Path, per_class: int = 6, seed: int = 0) -> Path:
+    """A grid of random images, `per_class` of each class when labelled."""
+    rng = np.random.default_rng(seed)
+    if data.labels is None:
+        idx = rng.choice(len(data), size=min(60, len(data)), replace=False)
+        titles = [f"#{i + 1}" for i in idx]
+    else:
+        idx = np.concatenate(
+            [
+                rng.permutation(np.flatnonzero(data.labels == c))[:per_class]
+                for c in range(len(data.class_names))
+            ]
+        )
+        idx = idx.reshape(-1, per_class).T.ravel() if len(idx) == 10 * per_class else idx
+        titles = [data.class_names[data.labels[i]] for i in idx]
+    fig = _digit_grid(data.images[idx], titles, f"Sample images from {Path(data.source).name}")
+    return _save(fig, path)
+
+
+def class_distribution(data, path: Path) -> Path:
+    """Bar chart of class counts with their shares."""
+    counts = np.bincount(data.labels, minlength=len(data.class_names))
+    fig, ax = plt.subplots(figsize=(8, 4))
+    bars = ax.bar(range(len(counts)), counts, color="#4c72b0")
+    ax.set_xticks(
+        range(len(counts)),
+        data.class_names,
+        rotation=30 if len(max(data.class_names, key=len)) > 2 else 0,
+    )
+    for bar, n in zip(bars, counts, strict=True):
+        ax.annotate(
+            f"{n:,}\n{n / counts.sum():.1%}",
+            (bar.get_x() + bar.get_width() / 2, n),
+            ha="center",
+            va="bottom",
+            fontsize=7,
+        )
+    ax.set_ylabel("images")
+    ax.set_ylim(0, counts.max() * 1.18)
+    ax.set_title(f"Class distribution: {len(data):,} images in {Path(data.source).name}")
+    ax.spines[["top", "right"]].set_visible(False)
+    return _save(fig, path)
+
+
+def augmented_digits(data, augment, path: Path, n: int = 8, copies: int = 7, seed: int = 0) -> Path:
+    """Each row: one original image, then `copies` random augmentations of it."""
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(len(data), size=n, replace=False)
+    x = torch.from_numpy(data.images[idx]).float().div(255).unsqueeze(1)
+    g = torch.Generator().manual_seed(seed)
+    versions = [x] + [augment(x, g) for _ in range(copies)]
+    grid = torch.stack(versions, 1).squeeze(2).mul(255).clamp(0, 255).numpy()
+    titles = ["original"] + [f"random {j}" for j in range(1, copies + 1)]
+    titles += [""] * (n - 1) * (copies + 1)
+    suptitle = "Training augmentation: rotation, shift, scale and shear, drawn anew each epoch"
+    fig = _digit_grid(grid.reshape(-1, 28, 28), titles, suptitle, cols=copies + 1)
+    return _save(fig, path)
