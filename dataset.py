@@ -414,13 +414,16 @@ def find_data(split: str, announce: bool = True) -> str:
 
 
 def _kaggle_api():
-    """The authenticated kaggle client; the package prints and exits when it has no credentials."""
+    """The authenticated kaggle client. Without credentials the package prints a page of help and
+    raises SystemExit (its own import swallows that), so authenticate here, quietly."""
     chatter = io.StringIO()
     try:
         with redirect_stdout(chatter), redirect_stderr(chatter):
-            import kaggle
+            from kaggle.api.kaggle_api_extended import KaggleApi
 
-            return kaggle.api
+            api = KaggleApi()
+            api.authenticate()
+            return api
     except (SystemExit, Exception):
         raise UserError(
             "kaggle: no usable Kaggle credentials (create a token at "

@@ -1,0 +1,51 @@
+"""Shared fixtures: small CSVs in Kaggle's layouts written into tmp_path."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import dataset  # noqa: E402
+
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def make_table(n: int, labelled: bool = True, seed: int = 0) -> np.ndarray:
+    """n random rows: a label 0..9 (when labelled) then 784 pixels, mostly 0 as in MNIST."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, size=(n, 784)) * (rng.random((n, 784)) < 0.2)
+    if not labelled:
+        return pixels
+    return np.column_stack([rng.integers(0, 10, size=n), pixels])
+
+
+def csv_text(table: np.ndarray, header: tuple[str, ...] | None) -> str:
+    lines = [] if header is None else [",".join(header)]
+    lines += [",".join(map(str, row)) for row in table]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory, monkeypatch):
+    """Every test gets its own parse cache and no Kaggle input directory."""
+    monkeypatch.setenv("MNIST_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+    monkeypatch.setenv("KAGGLE_INPUT_ROOT", str(tmp_path_factory.mktemp("no-kaggle") / "input"))
+
+
+@pytest.fixture
+def write_csv(tmp_path):
+    """write_csv(name, table, layout='mnist-in-csv' | None for headerless) -> Path."""
+
+    def write(name: str, table: np.ndarray, layout: str | None = "mnist-in-csv") -> Path:
+        header = None if layout is None else dataset.LAYOUTS[layout][0]
+        path = tmp_path / name
+        path.write_text(csv_text(table, header))
+        return path
+
+    return write

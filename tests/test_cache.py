@@ -1,0 +1,82 @@
+"""The parse cache: repeat loads skip parsing, a changed CSV is parsed again, writes are atomic."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from conftest import make_table
+
+import dataset
+
+
+def _forbid_parsing(monkeypatch):
+    def fail(_source):
+        raise AssertionError("parsed again instead of using the cache")
+
+    monkeypatch.setattr(dataset, "read_csv", fail)
+
+
+def test_repeat_load_comes_from_the_cache(write_csv, monkeypatch):
+    table = make_table(25, seed=1)
+    path = write_csv("c.csv", table)
+    first = dataset.load_csv(path)
+    _forbid_parsing(monkeypatch)
+    again = dataset.load_csv(path)
+    np.testing.assert_array_equal(again.images, first.images)
+    np.testing.assert_array_equal(again.labels, table[:, 0])
+    assert again.layout == first.layout and again.source == first.source
+
+
+def test_unlabelled_data_round_trips_through_the_cache(write_csv, monkeypatch):
+    path = write_csv("u.csv", make_table(5, labelled=False), "digit-recognizer-test")
+    first = dataset.load_csv(path)
+    _forbid_parsing(monkeypatch)
+    again = dataset.load_csv(path)
+    assert again.labels is None and again.layout == "digit-recognizer-test"
+    np.testing.assert_array_equal(again.images, first.images)
+
+
+def test_a_changed_csv_is_parsed_again(write_csv):
+    path = write_csv("c.csv", make_table(10, seed=1))
+    dataset.load_csv(path)
+    stat = path.stat()
+    changed = make_table(10, seed=2)
+    write_csv("c.csv", changed)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same mtime: size or inode tells
+    np.testing.assert_array_equal(dataset.load_csv(path).labels, changed[:, 0])
+
+
+def test_a_damaged_cache_entry_is_replaced(write_csv):
+    table = make_table(8, seed=3)
+    path = write_csv("c.csv", table)
+    dataset.load_csv(path)
+    (entry,) = dataset.cache_dir().glob("*.npz")
+    entry.write_bytes(b"garbage")
+    np.testing.assert_array_equal(dataset.load_csv(path).labels, table[:, 0])
+    with np.load(entry) as z:
+        assert z["images"].shape == (8, 28, 28)
+
+
+def test_a_failed_cache_write_leaves_no_partial_file(write_csv, monkeypatch):
+    path = write_csv("c.csv", make_table(8, seed=4))
+
+    def broken_savez(f, **arrays):
+        f.write(b"half of an entry")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np, "savez", broken_savez)
+    assert len(dataset.load_csv(path)) == 8  # the data still loads
+    assert list(dataset.cache_dir().iterdir()) == []
+
+
+def test_cache_off_never_writes(write_csv):
+    dataset.load_csv(write_csv("c.csv", make_table(3)), cache=False)
+    assert not dataset.cache_dir().exists() or not any(dataset.cache_dir().iterdir())
+
+
+def test_bad_input_is_reported_through_the_cache_too(tmp_path):
+    (tmp_path / "e.csv").write_text("")
+    with pytest.raises(dataset.UserError, match="empty file"):
+        dataset.load_csv(tmp_path / "e.csv")
