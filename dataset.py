@@ -78,6 +78,17 @@ class UserError(Exception):
     """Bad input or a bad flag: a CLI prints it as one `error:` line and exits with code 2."""
 
 
+class CLIParser(argparse.ArgumentParser):
+    """argparse with every default in --help and bad flags reported as one UserError line."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
 def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:
     """Run a CLI entry point, turning a UserError into one line on stderr and exit code 2."""
     try:
@@ -606,24 +617,13 @@ def explore(source: str, out_dir: Path, plots: bool = True) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description="Explore or download Kaggle's MNIST CSVs.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    ex = sub.add_parser(
-        "explore",
-        help="print rows, class counts, pixel statistics; draw figures",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = CLIParser(description="Explore or download Kaggle's MNIST CSVs.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=CLIParser)
+    ex = sub.add_parser("explore", help="print rows, class counts, pixel statistics; draw figures")
     ex.add_argument("csv", nargs="?", help="CSV, .csv.gz or .zip[::member]; default: found train")
     ex.add_argument("--out-dir", type=Path, default=Path("outputs"), help="where figures go")
     ex.add_argument("--no-plots", action="store_true", help="print statistics only")
-    dl = sub.add_parser(
-        "download",
-        help=f"fetch {KAGGLE_DATASET} with the kaggle client",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    dl = sub.add_parser("download", help=f"fetch {KAGGLE_DATASET} with the kaggle client")
     dl.add_argument("--dest", type=Path, default=DATA_DIR, help="download directory")
     dl.add_argument("--no-unzip", action="store_true", help="keep the zip as it is")
     args = parser.parse_args(argv)

@@ -95,3 +95,29 @@ def augmented_digits(data, augment, path: Path, n: int = 8, copies: int = 7, see
     suptitle = "Training augmentation: rotation, shift, scale and shear, drawn anew each epoch"
     fig = _digit_grid(grid.reshape(-1, 28, 28), titles, suptitle, cols=copies + 1)
     return _save(fig, path)
+
+
+def training_curves(history: list[dict], path: Path) -> Path:
+    """Loss and accuracy per epoch, training against validation."""
+    epochs = [h["epoch"] for h in history]
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, label, style in (("train", "training", "o-"), ("val", "validation", "s-")):
+        loss_ax.plot(epochs, [h[f"{key}_loss"] for h in history], style, label=label, ms=3)
+        acc_ax.plot(epochs, [100 * h[f"{key}_acc"] for h in history], style, label=label, ms=3)
+    best = max(history, key=lambda h: h["val_acc"])
+    acc_ax.annotate(
+        f"best {best['val_acc']:.2%}\n(epoch {best['epoch']})",
+        (best["epoch"], 100 * best["val_acc"]),
+        xytext=(0, -40),
+        textcoords="offset points",
+        ha="center",
+        arrowprops={"arrowstyle": "->"},
+    )
+    loss_ax.set(xlabel="epoch", ylabel="cross-entropy loss", title="Loss")
+    acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
+    for ax in (loss_ax, acc_ax):
+        ax.grid(alpha=0.3)
+        ax.legend()
+        ax.spines[["top", "right"]].set_visible(False)
+    fig.suptitle("Training curves (training metrics are on augmented batches with dropout)")
+    return _save(fig, path)

@@ -1,0 +1,237 @@
+"""Architectures (a registry of named builders), weight init, device and precision choice, and
+checkpoints that are data, never code."""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from atomic import atomic_write
+from dataset import UserError
+
+CHECKPOINT_FORMAT = 1
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register(name: str):
+    """Add a builder to ARCHITECTURES under `name`."""
+
+    def add(builder):
+        ARCHITECTURES[name] = builder
+        return builder
+
+    return add
+
+
+@register("basic")
+def basic(num_classes: int = 10) -> nn.Module:
+    """The seed projects' CNN: two 3x3 convs (32, 64), a 128-unit dense layer, dropout 0.5."""
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * 7 * 7, 128),
+        nn.ReLU(),
+        nn.Dropout(0.5),
+        nn.Linear(128, num_classes),
+    )
+
+
+@register("lenet")
+def lenet(num_classes: int = 10) -> nn.Module:
+    """The smaller seed variant: 5x5 convs with 10 and 20 filters, a 50-unit dense layer."""
+    return nn.Sequential(
+        nn.Conv2d(1, 10, 5),
+        nn.MaxPool2d(2),
+        nn.ReLU(),
+        nn.Conv2d(10, 20, 5),
+        nn.Dropout2d(),
+        nn.MaxPool2d(2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(320, 50),
+        nn.ReLU(),
+        nn.Dropout(),
+        nn.Linear(50, num_classes),
+    )
+
+
+def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+
+@register("strong")
+def strong(num_classes: int = 10, width: int = 32) -> nn.Module:
+    """A small VGG-style net: batch-normed 3x3 conv pairs at 28, 14 and 7 pixels, global pooling."""
+    w = width
+    return nn.Sequential(
+        *_conv_bn(1, w),
+        *_conv_bn(w, w),
+        nn.MaxPool2d(2),
+        *_conv_bn(w, 2 * w),
+        *_conv_bn(2 * w, 2 * w),
+        nn.MaxPool2d(2),
+        *_conv_bn(2 * w, 4 * w),
+        *_conv_bn(4 * w, 4 * w),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Dropout(0.2),
+        nn.Linear(4 * w, num_classes),
+    )
+
+
+def kaiming_init(net: nn.Module) -> nn.Module:
+    """Kaiming-normal weights for ReLU nets, zero biases, unit batch-norm scales."""
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d | nn.Linear):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    return net
+
+
+def build(arch: str, **kwargs) -> nn.Module:
+    """A freshly initialised network of a registered architecture."""
+    if arch not in ARCHITECTURES:
+        raise UserError(
+            f"--arch {arch}: unknown architecture (choose from {', '.join(ARCHITECTURES)})"
+        )
+    return kaiming_init(ARCHITECTURES[arch](**kwargs))
+
+
+# ---------------------------------------------------------------- device and precision
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    """CUDA, then Apple MPS, then CPU; `name` forces one."""
+    if name:
+        available = {
+            "cpu": True,
+            "cuda": torch.cuda.is_available(),
+            "mps": torch.backends.mps.is_available(),
+        }
+        kind = name.split(":")[0]
+        if kind not in available:
+            raise UserError(f"--device {name}: unknown device (choose cpu, cuda or mps)")
+        if not available[kind]:
+            raise UserError(f"--device {name}: not available on this machine (try --device cpu)")
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX), read at run time."""
+    if platform.system() != "Linux":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How to run a device: autocast dtype (None: fp32), loss scaling, memory format."""
+
+    dtype: torch.dtype | None
+    grad_scaler: bool
+    channels_last: bool
+
+    def autocast(self, device: torch.device) -> AbstractContextManager:
+        if self.dtype is None:
+            return nullcontext()
+        return torch.autocast(device.type, dtype=self.dtype)
+
+    def describe(self) -> str:
+        name = "fp32" if self.dtype is None else str(self.dtype).removeprefix("torch.")
+        return (
+            name
+            + (" + grad scaler" if self.grad_scaler else "")
+            + (", channels_last" if self.channels_last else "")
+        )
+
+
+def precision_for(device: torch.device) -> Precision:
+    """CUDA: bf16 where supported, else fp16 with a grad scaler; CPU: bf16 only with hardware
+    support (measured 1.6-1.9x faster here), channels_last (measured faster here); MPS: fp32."""
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return Precision(torch.bfloat16, False, True)
+        return Precision(torch.float16, True, True)
+    if device.type == "cpu":
+        return Precision(torch.bfloat16 if cpu_has_native_bf16() else None, False, True)
+    return Precision(None, False, False)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def library_versions() -> dict[str, str]:
+    return {
+        "torch": str(torch.__version__),
+        "numpy": str(np.__version__),
+        "python": platform.python_version(),
+    }
+
+
+def save_checkpoint(path: Path, checkpoint: dict) -> None:
+    """Write a checkpoint dict atomically."""
+    with atomic_write(path) as f:
+        torch.save({"format": CHECKPOINT_FORMAT, **checkpoint}, f)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a checkpoint as data (weights_only=True): a pickle that would run code is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such checkpoint (train one with: python train.py)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        unsafe = [line for line in lines if "WeightsUnpickler error" in line]
+        if unsafe:
+            reason = "it holds code or objects a checkpoint must not: " + unsafe[0].split(":", 1)[1]
+        else:
+            reason = lines[0]
+        raise UserError(
+            f"{path}: not a loadable checkpoint: {reason[:200]} (train a new one)"
+        ) from None
+    needed = {"format", "arch", "arch_kwargs", "state_dict", "mean", "std", "class_names"}
+    if not isinstance(ckpt, dict) or not needed <= ckpt.keys():
+        raise UserError(
+            f"{path}: not a checkpoint of this project (train one with: python train.py)"
+        )
+    if ckpt["format"] != CHECKPOINT_FORMAT:
+        raise UserError(f"{path}: checkpoint format {ckpt['format']} is not {CHECKPOINT_FORMAT}")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict, where: str | Path = "checkpoint") -> nn.Module:
+    """Rebuild the network a checkpoint describes and load its weights."""
+    net = build(ckpt["arch"], **ckpt["arch_kwargs"])
+    try:
+        net.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        reason = str(e).splitlines()[0]
+        raise UserError(f"{where}: weights do not fit {ckpt['arch']}: {reason}") from None
+    return net
