@@ -13,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from matplotlib.ticker import MaxNLocator
 
 from atomic import atomic_write
 
@@ -116,8 +117,11 @@ def training_curves(history: list[dict], path: Path) -> Path:
     loss_ax.set(xlabel="epoch", ylabel="cross-entropy loss", title="Loss")
     acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
     for ax in (loss_ax, acc_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
         ax.spines[["top", "right"]].set_visible(False)
-    fig.suptitle("Training curves (training metrics are on augmented batches with dropout)")
+    fig.suptitle(
+        "Training curves (training metrics: augmented batches, dropout on, label-smoothed loss)"
+    )
     return _save(fig, path)

@@ -354,6 +354,7 @@ def main(argv: list[str] | None = None) -> dict:
     ckpt = models.load_checkpoint(cfg["resume"])
     if "optimizer" not in ckpt or "rng" not in ckpt:
         raise UserError(f"{cfg['resume']}: not resumable (resume from last.pt, not best.pt)")
+    models.model_from_checkpoint(ckpt, cfg["resume"])  # incompatible weights fail here, at once
     saved = {**ckpt["config"], **{k: cfg[k] for k in RESUME_OVERRIDES}, "resume": cfg["resume"]}
     if ckpt["epoch"] >= saved["epochs"]:
         print(f"{cfg['resume']}: training already finished ({ckpt['epoch']} epochs)")
