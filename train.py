@@ -50,25 +50,34 @@ RESUME_OVERRIDES = (
 
 def parse_args(argv: list[str] | None) -> dict:
     p = CLIParser(description="Train a CNN on Kaggle's MNIST CSVs.")
-    p.add_argument("--train", help="training CSV (.csv, .csv.gz, .zip[::member]); default: found")
-    p.add_argument("--test", help="labelled test CSV, scored once at the end; default: found")
+    p.add_argument("--train", help="training CSV (.csv, .csv.gz, .zip[::member]); None: found")
+    p.add_argument("--test", help="labelled test CSV, scored once at the end; None: found")
     p.add_argument(
         "--val-split", type=float, default=DEFAULTS["val_split"], help="validation share"
     )
     p.add_argument(
         "--arch", default=DEFAULTS["arch"], help=f"one of {', '.join(models.ARCHITECTURES)}"
     )
-    p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"])
-    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
+    p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], help="passes over the data")
+    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="images a step")
     p.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="(peak) learning rate")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default=DEFAULTS["optimizer"])
-    p.add_argument("--scheduler", choices=SCHEDULERS, default=DEFAULTS["scheduler"])
+    p.add_argument(
+        "--optimizer", choices=OPTIMIZERS, default=DEFAULTS["optimizer"], help="optimizer"
+    )
+    p.add_argument(
+        "--scheduler",
+        choices=SCHEDULERS,
+        default=DEFAULTS["scheduler"],
+        help="learning-rate schedule",
+    )
     p.add_argument(
         "--augment", action=argparse.BooleanOptionalAction, default=True, help="random affine"
     )
-    p.add_argument("--label-smoothing", type=float, default=DEFAULTS["label_smoothing"])
-    p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
-    p.add_argument("--device", help="cpu, cuda or mps; default: the best available")
+    p.add_argument(
+        "--label-smoothing", type=float, default=DEFAULTS["label_smoothing"], help="of the loss"
+    )
+    p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="split, init, shuffling")
+    p.add_argument("--device", help="cpu, cuda or mps; None: the best available")
     p.add_argument("--out-dir", default="outputs", help="figures, history, metrics")
     p.add_argument("--model-dir", default="models", help="checkpoints")
     p.add_argument("--resume", help="continue from this last.pt; its saved settings apply")
@@ -191,8 +200,15 @@ def load_split(cfg: dict) -> dict:
         "val": (images[va], labels[va]),
         "test": test,
         "train_source": data.source,
-        "test_source": None if test is None else test.source,
     }
+
+
+def rng_states(device: torch.device, batches: dataset.DeviceBatches) -> dict:
+    """Every random stream a resumed run must continue: global CPU (and CUDA), and the batches'."""
+    states = {"torch": torch.get_rng_state(), "batches": batches.generator.get_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
 
 
 def write_history(path: Path, history: list[dict]) -> None:
@@ -248,6 +264,8 @@ def train(cfg: dict, resume: dict | None = None) -> dict:
         if scaler is not None and resume["scaler"]:
             scaler.load_state_dict(resume["scaler"])
         torch.set_rng_state(resume["rng"]["torch"])
+        if device.type == "cuda" and "cuda" in resume["rng"]:
+            torch.cuda.set_rng_state(resume["rng"]["cuda"], device)
         train_batches.generator.set_state(resume["rng"]["batches"])
         history, best_acc, start = resume["history"], resume["best_val_acc"], resume["epoch"] + 1
 
@@ -300,10 +318,7 @@ def train(cfg: dict, resume: dict | None = None) -> dict:
                 "optimizer": opt.state_dict(),
                 "scheduler": None if sched is None else sched.state_dict(),
                 "scaler": None if scaler is None else scaler.state_dict(),
-                "rng": {
-                    "torch": torch.get_rng_state(),
-                    "batches": train_batches.generator.get_state(),
-                },
+                "rng": rng_states(device, train_batches),
                 "history": history,
                 "best_val_acc": best_acc,
             },
