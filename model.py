@@ -104,12 +104,17 @@ def kaiming_init(net: nn.Module) -> nn.Module:
     return net
 
 
-def build(arch: str, **kwargs) -> nn.Module:
-    """A freshly initialised network of a registered architecture."""
+def require_arch(arch: str) -> None:
+    """Raise the one-line error for an architecture name that is not registered."""
     if arch not in ARCHITECTURES:
         raise UserError(
             f"--arch {arch}: unknown architecture (choose from {', '.join(ARCHITECTURES)})"
         )
+
+
+def build(arch: str, **kwargs) -> nn.Module:
+    """A freshly initialised network of a registered architecture."""
+    require_arch(arch)
     return kaiming_init(ARCHITECTURES[arch](**kwargs))
 
 

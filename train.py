@@ -95,14 +95,11 @@ def check_config(cfg: dict) -> None:
         raise UserError(f"--batch-size {cfg['batch_size']}: must be at least 1")
     if not cfg["lr"] > 0:
         raise UserError(f"--lr {cfg['lr']}: must be positive")
-    if not 0 < cfg["val_split"] < 1:
-        raise UserError(f"--val-split {cfg['val_split']}: must be between 0 and 1 (e.g. 0.1)")
     if not 0 <= cfg["label_smoothing"] < 1:
         raise UserError(f"--label-smoothing {cfg['label_smoothing']}: must be in [0, 1)")
     if cfg["max_rows"] is not None and cfg["max_rows"] < 20:
         raise UserError(f"--max-rows {cfg['max_rows']}: must be at least 20")
-    if cfg["arch"] not in models.ARCHITECTURES:
-        models.build(cfg["arch"])  # raises the one-line error
+    models.require_arch(cfg["arch"])
 
 
 def make_optimizer(cfg: dict, net: nn.Module) -> torch.optim.Optimizer:
@@ -199,7 +196,6 @@ def load_split(cfg: dict) -> dict:
         "train": (images[tr], labels[tr]),
         "val": (images[va], labels[va]),
         "test": test,
-        "train_source": data.source,
     }
 
 
@@ -271,7 +267,7 @@ def train(cfg: dict, resume: dict | None = None) -> dict:
 
     print(
         f"training {cfg['arch']} on {len(split['train'][0]):,} images "
-        f"({len(split['val'][0]):,} for validation) from {split['train_source']}; "
+        f"({len(split['val'][0]):,} for validation) from {data.source}; "
         f"{device.type}, {precision.describe()}"
     )
     if not cfg["no_plots"] and resume is None:
@@ -336,7 +332,7 @@ def train(cfg: dict, resume: dict | None = None) -> dict:
         "best_val_acc": best["metrics"]["val_acc"],
         "train_images_per_s": round(len(split["train"][0]) * (cfg["epochs"] - start + 1)
                                     / max(train_seconds, 1e-9)),
-        "train_source": split["train_source"],
+        "train_source": data.source,
     }  # fmt: skip
     if split["test"] is not None:
         test_net = models.model_from_checkpoint(best).to(device)
