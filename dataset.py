@@ -607,11 +607,7 @@ def explore(source: str, out_dir: Path, plots: bool = True) -> dict:
     if plots:
         import plots as figures
 
-        out_dir.mkdir(parents=True, exist_ok=True)
-        written = [figures.sample_images(data, out_dir / "sample_images.png")]
-        if data.labels is not None:
-            written.append(figures.class_distribution(data, out_dir / "class_distribution.png"))
-        written.append(figures.augmented_digits(data, Augment(), out_dir / "augmented_digits.png"))
+        written = figures.exploration_figures(data, Augment(), out_dir)
         print("wrote " + ", ".join(str(p) for p in written))
     return summary
 

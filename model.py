@@ -166,6 +166,11 @@ class Precision:
             return nullcontext()
         return torch.autocast(device.type, dtype=self.dtype)
 
+    def place(self, net: nn.Module, device: torch.device) -> nn.Module:
+        """Move a network to `device` in this precision's memory format."""
+        net = net.to(device)
+        return net.to(memory_format=torch.channels_last) if self.channels_last else net
+
     def describe(self) -> str:
         name = "fp32" if self.dtype is None else str(self.dtype).removeprefix("torch.")
         return (

@@ -98,6 +98,15 @@ def augmented_digits(data, augment, path: Path, n: int = 8, copies: int = 7, see
     return _save(fig, path)
 
 
+def exploration_figures(data, augment, out_dir: Path) -> list[Path]:
+    """Sample images, the class distribution (labelled data) and augmented digits."""
+    written = [sample_images(data, out_dir / "sample_images.png")]
+    if data.labels is not None:
+        written.append(class_distribution(data, out_dir / "class_distribution.png"))
+    written.append(augmented_digits(data, augment, out_dir / "augmented_digits.png"))
+    return written
+
+
 def training_curves(history: list[dict], path: Path) -> Path:
     """Loss and accuracy per epoch, training against validation."""
     epochs = [h["epoch"] for h in history]

@@ -234,9 +234,7 @@ def train(cfg: dict, resume: dict | None = None) -> dict:
     mean, std = dataset.pixel_stats(split["train"][0])
 
     torch.manual_seed(cfg["seed"])
-    net = models.build(cfg["arch"], num_classes=len(data.class_names)).to(device)
-    if precision.channels_last:
-        net = net.to(memory_format=torch.channels_last)
+    net = precision.place(models.build(cfg["arch"], num_classes=len(data.class_names)), device)
     common = dict(device=device, mean=mean, std=std, channels_last=precision.channels_last)
     train_batches = dataset.DeviceBatches(
         *split["train"],
@@ -273,9 +271,7 @@ def train(cfg: dict, resume: dict | None = None) -> dict:
     if not cfg["no_plots"] and resume is None:
         import plots
 
-        plots.sample_images(data, out_dir / "sample_images.png")
-        plots.class_distribution(data, out_dir / "class_distribution.png")
-        plots.augmented_digits(data, dataset.Augment(), out_dir / "augmented_digits.png")
+        plots.exploration_figures(data, dataset.Augment(), out_dir)
 
     meta = {
         "arch": cfg["arch"],
@@ -332,12 +328,11 @@ def train(cfg: dict, resume: dict | None = None) -> dict:
         "best_val_acc": best["metrics"]["val_acc"],
         "train_images_per_s": round(len(split["train"][0]) * (cfg["epochs"] - start + 1)
                                     / max(train_seconds, 1e-9)),
+        "train_images": len(split["train"][0]),
         "train_source": data.source,
     }  # fmt: skip
     if split["test"] is not None:
-        test_net = models.model_from_checkpoint(best).to(device)
-        if precision.channels_last:
-            test_net = test_net.to(memory_format=torch.channels_last)
+        test_net = precision.place(models.model_from_checkpoint(best), device)
         test = split["test"]
         test_batches = dataset.DeviceBatches(test.images, test.labels, 1024, **common)
         summary["test_loss"], summary["test_acc"] = evaluate(

@@ -51,7 +51,7 @@ def main() -> None:
             label = (
                 f"project: basic, {'augmented' if augment == '--augment' else 'no augmentation'}"
             )
-            rows.append((label, ips, 54000 / ips))
+            rows.append((label, ips, metrics["train_images"] / ips))
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores; device {args.device}; "
         f"file {Path(args.train_csv).name}"
