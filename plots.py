@@ -18,6 +18,7 @@ from matplotlib.ticker import MaxNLocator
 from atomic import atomic_write
 
 DPI = 120
+MISTAKE = "#c0392b"
 
 
 def _save(fig, path: Path) -> Path:
@@ -27,14 +28,30 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _digit_grid(images: np.ndarray, titles: list[str], suptitle: str, cols: int = 10):
-    rows = -(-len(images) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.1, rows * 1.25))
-    for ax in np.atleast_1d(axes).ravel():
+def _digit_grid(
+    images: np.ndarray,
+    titles: list[str],
+    suptitle: str,
+    cols: int = 10,
+    marked: np.ndarray | None = None,
+    cell: tuple[float, float] = (1.1, 1.25),
+):
+    """Images in a grid with a title each; `marked` ones get a red title and frame."""
+    rows = max(1, -(-len(images) // cols))
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(cols * cell[0], rows * cell[1]), squeeze=False, layout="constrained"
+    )
+    for ax in axes.ravel():
         ax.axis("off")
-    for ax, img, title in zip(np.atleast_1d(axes).ravel(), images, titles, strict=False):
+    marked = np.zeros(len(images), bool) if marked is None else marked
+    for ax, img, title, bad in zip(axes.ravel(), images, titles, marked, strict=False):
         ax.imshow(img, cmap="gray_r", vmin=0, vmax=255)
-        ax.set_title(title, fontsize=8)
+        ax.set_title(title, fontsize=8, color=MISTAKE if bad else "black")
+        if bad:
+            ax.axis("on")
+            ax.set(xticks=[], yticks=[])
+            for spine in ax.spines.values():
+                spine.set(color=MISTAKE, linewidth=2)
     fig.suptitle(suptitle)
     return fig
 
@@ -63,11 +80,7 @@ def class_distribution(data, path: Path) -> Path:
     counts = np.bincount(data.labels, minlength=len(data.class_names))
     fig, ax = plt.subplots(figsize=(8, 4))
     bars = ax.bar(range(len(counts)), counts, color="#4c72b0")
-    ax.set_xticks(
-        range(len(counts)),
-        data.class_names,
-        rotation=30 if len(max(data.class_names, key=len)) > 2 else 0,
-    )
+    ax.set_xticks(range(len(counts)), data.class_names, rotation=_tick_rotation(data.class_names))
     for bar, n in zip(bars, counts, strict=True):
         ax.annotate(
             f"{n:,}\n{n / counts.sum():.1%}",
@@ -133,4 +146,72 @@ def training_curves(history: list[dict], path: Path) -> Path:
     fig.suptitle(
         "Training curves (training metrics: augmented batches, dropout on, label-smoothed loss)"
     )
+    return _save(fig, path)
+
+
+def _tick_rotation(class_names) -> int:
+    return 30 if len(max(class_names, key=len)) > 2 else 0
+
+
+def confusion_matrices(cm: np.ndarray, class_names, path: Path) -> Path:
+    """Two heatmaps side by side: counts, and each true class's row as percentages."""
+    import seaborn as sns
+
+    rows = cm.sum(1, keepdims=True)
+    share = np.divide(100 * cm, rows, out=np.zeros(cm.shape), where=rows > 0)
+    fig, axes = plt.subplots(1, 2, figsize=(17, 7.5))
+    off_diagonal = ~np.eye(len(cm), dtype=bool)
+    for ax, values, fmt, title in (
+        (axes[0], cm, "d", "counts"),
+        (axes[1], share, ".1f", "share of each true class (%)"),
+    ):
+        sns.heatmap(
+            values, annot=True, fmt=fmt, cmap="Blues", cbar=False, square=True, ax=ax,
+            xticklabels=class_names, yticklabels=class_names, annot_kws={"fontsize": 8},
+        )  # fmt: skip
+        for text, off in zip(ax.texts, off_diagonal.ravel(), strict=True):
+            if off and text.get_text() not in ("0", "0.0"):
+                text.set_color(MISTAKE)
+                text.set_fontweight("bold")
+        ax.set(xlabel="predicted", ylabel="true", title=title)
+        ax.tick_params(axis="x", rotation=_tick_rotation(class_names))
+        ax.tick_params(axis="y", rotation=0)
+    fig.suptitle(f"Confusion matrix: {cm.sum():,} images, {np.trace(cm) / cm.sum():.2%} correct")
+    return _save(fig, path)
+
+
+def prediction_grid(
+    images: np.ndarray,
+    captions: list[str],
+    wrong: np.ndarray | None,
+    title: str,
+    path: Path,
+    cols: int = 10,
+) -> Path:
+    """Predicted images with their captions; wrong predictions in red with a red frame."""
+    cell = (1.1, 1.25) if max(map(len, captions), default=0) < 14 else (1.6, 1.5)
+    fig = _digit_grid(images, captions, title, cols=cols, marked=wrong, cell=cell)
+    return _save(fig, path)
+
+
+def per_class_errors(error_rate: list[float], support: list[int], class_names, path: Path) -> Path:
+    """Error rate of each true class, with its error count over its support."""
+    rates = 100 * np.array(error_rate, dtype=float)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    worst = np.argsort(rates)[::-1][:3]
+    colors = [MISTAKE if i in worst and rates[i] > 0 else "#4c72b0" for i in range(len(rates))]
+    bars = ax.bar(range(len(rates)), rates, color=colors)
+    ax.set_xticks(range(len(rates)), class_names, rotation=_tick_rotation(class_names))
+    for bar, rate, n in zip(bars, rates, support, strict=True):
+        ax.annotate(
+            f"{rate:.1f}%\n{round(rate * n / 100)}/{n}",
+            (bar.get_x() + bar.get_width() / 2, rate),
+            ha="center",
+            va="bottom",
+            fontsize=7,
+        )
+    ax.set(xlabel="true class", ylabel="error rate (%)")
+    ax.set_ylim(0, max(rates.max(), 0.1) * 1.25)
+    ax.set_title("Error rate per class (the three worst in red)")
+    ax.spines[["top", "right"]].set_visible(False)
     return _save(fig, path)

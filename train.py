@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 
 import dataset
 import model as models
-from atomic import atomic_write
+from atomic import atomic_write, write_json
 from dataset import CLIParser, UserError
 
 # The default recipe; see the README's "Training" section for the experiments behind it.
@@ -216,17 +215,13 @@ def write_history(path: Path, history: list[dict]) -> None:
         f.write(buf.getvalue())
 
 
-def write_json(path: Path, obj: dict) -> None:
-    with atomic_write(path, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-
-
 def train(cfg: dict, resume: dict | None = None) -> dict:
     """Run (or continue) one training run; return its summary."""
     t_start = time.perf_counter()
     check_config(cfg)
     device = models.pick_device(cfg["device"])
+    if device.type == "cpu":
+        models.keep_freed_memory()
     precision = models.precision_for(device)
     split = load_split(cfg)
     data = split["data"]

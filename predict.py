@@ -1,0 +1,312 @@
+"""Predict with trained checkpoints: a Kaggle submission CSV, the evaluation report for labelled
+input, and predictions for your own images.
+
+    python predict.py                                  # models/best.pt on the found test CSV
+    python predict.py --input data/test.csv --output submissions/digit-recognizer.csv
+    python predict.py --checkpoint a.pt b.pt --tta     # an ensemble of two, test-time augmentation
+    python predict.py --image my_digit.png photo.jpg   # your own images
+
+Writes submissions/submission.csv (ImageId,Label) and, for labelled input, the evaluation report
+in outputs/report/: report.html, metrics.json, classification_report.txt and the figures.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import dataset
+import model as models
+from atomic import atomic_write
+from dataset import CLIParser, UserError
+
+TTA_SHIFT = 1  # pixels
+TTA_DEGREES = 8.0
+
+
+def parse_args(argv: list[str] | None) -> dict:
+    p = CLIParser(description="Predict with trained checkpoints; evaluate labelled input.")
+    p.add_argument(
+        "--checkpoint",
+        nargs="+",
+        default=["models/best.pt"],
+        help="one or more checkpoints; several average their probabilities (an ensemble)",
+    )
+    p.add_argument("--input", help="CSV to predict (.csv, .csv.gz, .zip[::member]); None: found")
+    p.add_argument("--output", default="submissions/submission.csv", help="submission CSV")
+    p.add_argument("--probabilities", action="store_true", help="add columns prob_0..prob_9")
+    p.add_argument(
+        "--tta",
+        action="store_true",
+        help=f"test-time augmentation: average over {TTA_SHIFT}-pixel shifts and "
+        f"+-{TTA_DEGREES:g} degree rotations",
+    )
+    p.add_argument("--image", nargs="+", help="predict these image files instead of a CSV")
+    p.add_argument("--report-dir", default="outputs/report", help="evaluation report and figures")
+    p.add_argument("--no-report", action="store_true", help="write the submission only")
+    p.add_argument("--batch-size", type=int, default=1024, help="images per forward pass")
+    p.add_argument("--device", help="cpu, cuda or mps; None: the best available")
+    args = vars(p.parse_args(argv))
+    if args["image"] and args["input"]:
+        raise UserError("--image and --input: give one of them")
+    if args["batch_size"] < 1:
+        raise UserError(f"--batch-size {args['batch_size']}: must be at least 1")
+    return args
+
+
+# ---------------------------------------------------------------- models and inference
+
+
+class Ensemble:
+    """One or more checkpoints on a device, each with its own input normalization; predicts the
+    mean of their softmax outputs, optionally over test-time augmented views."""
+
+    def __init__(self, paths: list[str], device: torch.device) -> None:
+        self.device = device
+        self.precision = models.precision_for(device)
+        self.members, self.checkpoints = [], []
+        for path in paths:
+            ckpt = models.load_checkpoint(path)
+            net = models.model_from_checkpoint(ckpt, path).eval()
+            self.members.append((self.precision.place(net, device), ckpt["mean"], ckpt["std"]))
+            self.checkpoints.append(ckpt)
+        self.class_names = tuple(self.checkpoints[0]["class_names"])
+        for path, ckpt in zip(paths[1:], self.checkpoints[1:], strict=True):
+            if tuple(ckpt["class_names"]) != self.class_names:
+                raise UserError(
+                    f"{path}: its classes ({', '.join(ckpt['class_names'])}) differ from those "
+                    f"of {paths[0]} ({', '.join(self.class_names)}); an ensemble needs one task"
+                )
+        self.paths = list(paths)
+
+    def describe(self) -> str:
+        return ", ".join(
+            f"{path} ({c['arch']}, epoch {c.get('epoch', '?')})"
+            for path, c in zip(self.paths, self.checkpoints, strict=True)
+        )
+
+    def predict_proba(self, images: np.ndarray, tta: bool = False, batch_size: int = 1024):
+        """Class probabilities [N, classes] (float32) for uint8 images [N, 28, 28]."""
+        batches = dataset.DeviceBatches(images, None, batch_size, self.device, mean=0.0, std=1.0)
+        out = []
+        with torch.inference_mode(), self.precision.autocast(self.device):
+            for xb, _ in batches:
+                views = tta_views(xb) if tta else [xb]
+                total = 0
+                for net, mean, std in self.members:
+                    for view in views:
+                        x = view.sub(mean).div_(std)
+                        if self.precision.channels_last:
+                            x = x.contiguous(memory_format=torch.channels_last)
+                        total = total + net(x).float().softmax(1)
+                out.append((total / (len(self.members) * len(views))).cpu())
+        return torch.cat(out).numpy()
+
+
+def tta_views(x: torch.Tensor) -> list[torch.Tensor]:
+    """The batch [B,1,H,W] (background 0) as it is, shifted a pixel four ways, and rotated both
+    ways: seven views whose predictions are averaged."""
+    s, h, w = TTA_SHIFT, x.shape[-2], x.shape[-1]
+    padded = F.pad(x, (s, s, s, s))
+    shifts = [
+        padded[..., s - dy : s - dy + h, s - dx : s - dx + w]
+        for dx, dy in ((s, 0), (-s, 0), (0, s), (0, -s))
+    ]
+    return [x, *shifts, rotate(x, TTA_DEGREES), rotate(x, -TTA_DEGREES)]
+
+
+def rotate(x: torch.Tensor, degrees: float) -> torch.Tensor:
+    """Rotate a batch [B,1,H,W] about its centre, filling with 0."""
+    a = math.radians(degrees)
+    theta = torch.tensor(
+        [[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]],
+        dtype=x.dtype,
+        device=x.device,
+    ).expand(len(x), 2, 3)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, align_corners=False)
+
+
+# ---------------------------------------------------------------- submission CSV
+
+
+def write_submission(path: Path, ids: np.ndarray, probs: np.ndarray, probabilities: bool) -> None:
+    """Kaggle's `ImageId,Label` (with `prob_0..` columns when asked), written atomically."""
+    if path.is_dir():
+        raise UserError(f"--output {path}: is a directory (name a .csv file)")
+    labels = probs.argmax(1)
+    columns = [ids[:, None].astype(str), labels[:, None].astype(str)]
+    header = ["ImageId", "Label"]
+    if probabilities:
+        columns.append(np.char.mod("%.6f", probs))
+        header += [f"prob_{k}" for k in range(probs.shape[1])]
+    table = np.concatenate(columns, axis=1)
+    buf = io.StringIO()
+    buf.write(",".join(header) + "\n")
+    np.savetxt(buf, table, fmt="%s", delimiter=",")
+    try:
+        with atomic_write(path, "w") as f:
+            f.write(buf.getvalue())
+    except OSError as e:
+        raise UserError(f"--output {path}: cannot write: {e.strerror}") from None
+
+
+# ---------------------------------------------------------------- your own images
+
+
+def preprocess_image(path: str | Path) -> np.ndarray:
+    """An image file as an MNIST digit: grayscale, light background inverted, cropped to the ink,
+    fitted into 20x20 keeping the aspect ratio, centred by centre of mass in 28x28 (uint8)."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img)
+            img.load()
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such image file") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{path}: not a readable image: {reason}") from None
+    ink = _ink(img)
+    if ink.max() <= 0:
+        raise UserError(f"{path}: no digit found (the image is blank)")
+    ink = ink / ink.max()
+    ink[ink < 0.15] = 0  # paper texture, JPEG ringing
+    rows, cols = np.flatnonzero(ink.any(1)), np.flatnonzero(ink.any(0))
+    ink = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    h, w = ink.shape
+    scale = 20 / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    fitted = Image.fromarray(np.uint8(ink * 255)).resize(size, Image.Resampling.LANCZOS)
+    patch = np.asarray(fitted, dtype=np.float64)
+    mass = patch.sum()
+    cy = (patch.sum(1) * np.arange(patch.shape[0])).sum() / mass
+    cx = (patch.sum(0) * np.arange(patch.shape[1])).sum() / mass
+    # MNIST puts the centre of mass at pixel (14, 14), measured on its test set: 13.99, 14.01
+    top = min(max(round(14 - cy), 0), 28 - patch.shape[0])
+    left = min(max(round(14 - cx), 0), 28 - patch.shape[1])
+    out = np.zeros((28, 28), np.uint8)
+    out[top : top + patch.shape[0], left : left + patch.shape[1]] = np.asarray(fitted)
+    return out
+
+
+def _ink(img) -> np.ndarray:
+    """Ink intensity (float, background 0): transparency when the image has any, else the gray
+    levels, inverted when the border (the background) is light."""
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+        alpha = np.asarray(img.convert("RGBA"), dtype=np.float64)[..., 3]
+        if alpha.min() < 255:
+            return alpha - alpha.min()
+    gray = np.asarray(img.convert("L"), dtype=np.float64)
+    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    background = float(np.median(border))
+    ink = background - gray if background >= 128 else gray - background
+    return np.clip(ink, 0, None)
+
+
+def predict_images(args: dict, ensemble: Ensemble) -> list[dict]:
+    """Print each image's predicted class and probability; draw the preprocessed inputs."""
+    images = np.stack([preprocess_image(p) for p in args["image"]])
+    probs = ensemble.predict_proba(images, args["tta"], args["batch_size"])
+    names = ensemble.class_names
+    results = []
+    for path, p in zip(args["image"], probs, strict=True):
+        first, second = np.argsort(-p)[:2]
+        results.append({"image": path, "class": names[first], "probability": float(p[first])})
+        print(f"{path}: {names[first]} ({p[first]:.1%}; next {names[second]} {p[second]:.1%})")
+    if not args["no_report"]:
+        import plots
+
+        captions = [
+            f"{Path(r['image']).name}\n{r['class']} {r['probability']:.0%}" for r in results
+        ]
+        fig = plots.prediction_grid(
+            images,
+            captions,
+            None,
+            "Your images after MNIST-style preprocessing, with the prediction",
+            Path(args["report_dir"]) / "own_images.png",
+            cols=min(len(images), 8),
+        )
+        print(f"wrote {fig}")
+    return results
+
+
+# ---------------------------------------------------------------- CSV input
+
+
+def predict_csv(args: dict, ensemble: Ensemble, t_start: float) -> dict:
+    """Write the submission; evaluate and report when the input is labelled."""
+    source = args["input"] or dataset.find_data("test")
+    data = dataset.load_csv(source)
+    names = ensemble.class_names
+    if data.layout in dataset.LAYOUTS and tuple(data.class_names) != names:
+        print(
+            f"note: {data.source} looks like {'/'.join(data.class_names[:3])}/... data but the "
+            f"checkpoint's classes are {'/'.join(names[:3])}/...; using the checkpoint's",
+            file=sys.stderr,
+        )
+    probs = ensemble.predict_proba(data.images, args["tta"], args["batch_size"])
+    output = Path(args["output"])
+    write_submission(output, data.ids, probs, args["probabilities"])
+    seconds = time.perf_counter() - t_start
+    print(f"wrote {output}: {len(data):,} rows (ImageId,Label) from {data.source}")
+    summary = {"submission": str(output), "rows": len(data), "seconds": round(seconds, 2)}
+    if data.labels is not None:
+        summary["accuracy"] = float((probs.argmax(1) == data.labels).mean())
+    if args["no_report"]:
+        if data.labels is not None:
+            print(f"accuracy {summary['accuracy']:.2%} on {len(data):,} labelled rows")
+        return summary
+    import report
+
+    out_dir = Path(args["report_dir"])
+    if data.labels is None:
+        grid = report.draw_predictions(
+            data.images, probs, None, names, data.source, out_dir / "sample_predictions.png"
+        )
+        print(f"wrote {grid} (unlabelled input: predictions only)")
+        return summary
+    metrics = report.evaluate(data.labels, probs, names)
+    report.print_summary(metrics)
+    context = {
+        "input": data.source,
+        "checkpoints": ensemble.paths,
+        "models": [
+            {"arch": c["arch"], "epoch": c.get("epoch"), "metrics": c.get("metrics")}
+            for c in ensemble.checkpoints
+        ],
+        "tta": args["tta"],
+        "submission": str(output),
+        "predict_seconds": round(seconds, 2),
+        "versions": models.library_versions(),
+        "footer": f"predict.py on {ensemble.device.type} ({ensemble.precision.describe()}), "
+        f"torch {torch.__version__}; {ensemble.describe()}",
+    }
+    page = report.write(out_dir, metrics, data.images, data.labels, probs, context)
+    print(f"report: {page} (figures, metrics.json and classification_report.txt beside it)")
+    return {**summary, "report": str(page)}
+
+
+def main(argv: list[str] | None = None) -> dict | list[dict]:
+    t_start = time.perf_counter()
+    args = parse_args(argv)
+    device = models.pick_device(args["device"])
+    if device.type == "cpu":
+        models.keep_freed_memory()
+    ensemble = Ensemble(args["checkpoint"], device)
+    if args["image"]:
+        return predict_images(args, ensemble)
+    return predict_csv(args, ensemble, t_start)
+
+
+if __name__ == "__main__":
+    dataset.run_cli(main)
