@@ -4,6 +4,7 @@ checkpoints that are data, never code."""
 from __future__ import annotations
 
 import platform
+import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -229,14 +230,22 @@ def load_checkpoint(path: str | Path) -> dict:
     if not path.is_file():
         raise UserError(f"{path}: no such checkpoint (train one with: python train.py)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns of pickle protocols before refusing
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-        unsafe = [line for line in lines if "WeightsUnpickler error" in line]
-        if unsafe:
-            reason = "it holds code or objects a checkpoint must not: " + unsafe[0].split(":", 1)[1]
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        if lines and lines[0].startswith("Weights only load failed"):
+            details = [
+                line.split("WeightsUnpickler error:")[-1].strip()
+                for line in lines[1:]
+                if not line.startswith("Check the documentation")
+            ]
+            reason = "; ".join(
+                ["it holds code or objects a checkpoint must not", *filter(None, details)]
+            )
         else:
-            reason = lines[0]
+            reason = lines[0] if lines else type(e).__name__
         raise UserError(
             f"{path}: not a loadable checkpoint: {reason[:200]} (train a new one)"
         ) from None

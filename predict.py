@@ -56,6 +56,8 @@ def parse_args(argv: list[str] | None) -> dict:
     args = vars(p.parse_args(argv))
     if args["image"] and args["input"]:
         raise UserError("--image and --input: give one of them")
+    if Path(args["output"]).is_dir():
+        raise UserError(f"--output {args['output']}: is a directory (name a .csv file)")
     if args["batch_size"] < 1:
         raise UserError(f"--batch-size {args['batch_size']}: must be at least 1")
     return args
@@ -139,8 +141,6 @@ def rotate(x: torch.Tensor, degrees: float) -> torch.Tensor:
 
 def write_submission(path: Path, ids: np.ndarray, probs: np.ndarray, probabilities: bool) -> None:
     """Kaggle's `ImageId,Label` (with `prob_0..` columns when asked), written atomically."""
-    if path.is_dir():
-        raise UserError(f"--output {path}: is a directory (name a .csv file)")
     labels = probs.argmax(1)
     columns = [ids[:, None].astype(str), labels[:, None].astype(str)]
     header = ["ImageId", "Label"]
