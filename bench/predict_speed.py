@@ -1,0 +1,135 @@
+"""Prediction speed of `--arch basic`, side by side with the peer's evaluation loop
+(../shared/bench/peer_seed.py: pandas, per-row Dataset, DataLoader(batch 100), fp32) on the same
+file and the same weights, in one run.
+
+Two figures each: end to end (a fresh process, from start to the predictions CSV written) and the
+inference loop alone (images/s). Median of --repeats runs.
+
+usage: python bench/predict_speed.py [--repeats N] [--device DEV] [CSV]
+Default file: ../shared/data/mnist_test.csv.gz (10,000 rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+PEER = SHARED / "bench" / "peer_seed.py"
+
+# The peer's evaluation, as the seed READMEs write a prediction script: its own Dataset and CNN,
+# pandas in and out. Prints one JSON line: the loop's seconds and the rows.
+PEER_PREDICT = """
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+import pandas as pd, torch
+from torch.utils.data import DataLoader
+from peer_seed import CNN, CSVDataset
+net = CNN()
+weights = torch.load(sys.argv[3], weights_only=True)["state_dict"]
+net.load_state_dict(dict(zip(net.state_dict(), weights.values())))
+ds = CSVDataset(pd.read_csv(sys.argv[2]))
+net.eval(); preds = []
+t = time.perf_counter()
+with torch.no_grad():
+    for x, _ in DataLoader(ds, batch_size=100):
+        preds.append(net(x).argmax(1))
+loop = time.perf_counter() - t
+labels = torch.cat(preds).numpy()
+out = pd.DataFrame({"ImageId": range(1, len(labels) + 1), "Label": labels})
+out.to_csv(sys.argv[4], index=False)
+print(json.dumps({"loop_s": loop, "rows": len(ds)}))
+"""
+
+OUR_LOOP = """
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+import dataset, model, predict
+data = dataset.load_csv(sys.argv[2])
+device = model.pick_device(sys.argv[4])
+if device.type == "cpu":
+    model.keep_freed_memory()
+ens = predict.Ensemble([sys.argv[3]], device)
+t = time.perf_counter()
+probs = ens.predict_proba(data.images)
+print(json.dumps({"loop_s": time.perf_counter() - t, "rows": len(probs)}))
+"""
+
+
+def timed(cmd: list[str], env: dict) -> tuple[float, dict | None]:
+    t = time.perf_counter()
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+    wall = time.perf_counter() - t
+    last = out.strip().splitlines()[-1] if out.strip() else ""
+    return wall, json.loads(last) if last.startswith("{") else None
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("csv", nargs="?", default=str(SHARED / "data" / "mnist_test.csv.gz"))
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args()
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    import model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        ckpt = tmp / "basic.pt"
+        torch.manual_seed(0)
+        net = model.build("basic")
+        model.save_checkpoint(ckpt, {
+            "arch": "basic", "arch_kwargs": {}, "state_dict": net.state_dict(),
+            "mean": 0.1307, "std": 0.3081, "class_names": list("0123456789"),
+        })  # fmt: skip
+        env = {**os.environ, "MNIST_CACHE_DIR": str(tmp / "cache")}
+        py = sys.executable
+        peer_cmd = [
+            py, "-c", PEER_PREDICT, str(PEER.parent), args.csv, str(ckpt), str(tmp / "p.csv"),
+        ]  # fmt: skip
+        ours_cmd = [
+            py, str(ROOT / "predict.py"), "--checkpoint", str(ckpt), "--input", args.csv,
+            "--output", str(tmp / "o.csv"), "--no-report", "--device", args.device,
+        ]  # fmt: skip
+        loop_cmd = [py, "-c", OUR_LOOP, str(ROOT), args.csv, str(ckpt), args.device]
+        runs: dict[str, list] = {"peer": [], "cold": [], "warm": [], "loop": []}
+        for _ in range(args.repeats):
+            runs["peer"].append(timed(peer_cmd, env))
+            subprocess.run(["rm", "-rf", str(tmp / "cache")], check=True)
+            runs["cold"].append(timed(ours_cmd, env))  # parses the CSV
+            runs["warm"].append(timed(ours_cmd, env))  # reads the parse cache
+            runs["loop"].append(timed(loop_cmd, env))
+    rows = runs["peer"][0][1]["rows"]
+    median = {k: statistics.median(w for w, _ in v) for k, v in runs.items()}
+    peer_loop = statistics.median(j["loop_s"] for _, j in runs["peer"])
+    our_loop = statistics.median(j["loop_s"] for _, j in runs["loop"])
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores; device {args.device}; "
+        f"{Path(args.csv).name}, {rows:,} rows; median of {args.repeats}"
+    )
+    print(f"{'contender':52} {'end to end':>10} {'vs peer':>8}")
+    lines = [
+        ("peer: pandas, per-row Dataset, DataLoader(100), fp32", median["peer"]),
+        ("predict.py --no-report, first run (parses the CSV)", median["cold"]),
+        ("predict.py --no-report, repeat (parse cache)", median["warm"]),
+    ]
+    for name, wall in lines:
+        print(f"{name:52} {wall:9.2f}s {median['peer'] / wall:7.2f}x")
+    print(f"{'inference loop alone':52} {'images/s':>10} {'vs peer':>8}")
+    for name, loop in (("peer", peer_loop), ("project (Ensemble.predict_proba)", our_loop)):
+        print(f"{name:52} {rows / loop:10,.0f} {peer_loop / loop:7.2f}x")
+
+
+if __name__ == "__main__":
+    main()
