@@ -93,12 +93,16 @@ def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None =
     """Run a CLI entry point, turning a UserError into one line on stderr and exit code 2."""
     try:
         main(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+    except BrokenPipeError:  # output piped into `head` and the like: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(141) from None
 
 
 @dataclass

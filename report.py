@@ -171,15 +171,15 @@ tr:nth-child(even) td{background:#fafafa} .bad{color:#c0392b;font-weight:bold}
 """
 
 
-def _table(header: list[str], rows: list[list], bad_rows: set[int] = frozenset()) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+def _table(header: list[str] | None, rows: list[list], bad_rows: set[int] = frozenset()) -> str:
+    head = "" if header is None else "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join(
         f"<tr{' class=bad' if i in bad_rows else ''}>"
         + "".join(f"<td>{html.escape(str(v))}</td>" for v in row)
         + "</tr>"
         for i, row in enumerate(rows)
     )
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f"<table>{head and f'<tr>{head}</tr>'}{body}</table>"
 
 
 def _figure(path: Path, alt: str) -> str:
@@ -221,7 +221,7 @@ def render_html(metrics: dict, context: dict, fig_dir: Path) -> str:
         f"<p><span class=big>{metrics['accuracy']:.2%}</span> accuracy: "
         f"{metrics['rows'] - metrics['errors']:,} of {metrics['rows']:,} right, "
         f"{metrics['errors']:,} wrong.</p>",
-        _table(["", ""], summary),
+        _table(None, summary),
     ]
     if "confusion_matrix.png" in figures:
         parts += ["<h2>Confusion matrix</h2>", _figure(fig_dir / "confusion_matrix.png", "")]

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import gzip
+import os
+import subprocess
+import sys
 import zipfile
 
 import numpy as np
@@ -216,3 +219,16 @@ def test_the_real_ten_thousand_digits_load():
         974,
         1009,
     ]
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path):
+    """`python dataset.py explore | head` must not end in a BrokenPipeError traceback."""
+    sample = dataset.SAMPLE_DIR / "mnist_test.csv.gz"
+    explore = f"{sys.executable} {dataset.ROOT / 'dataset.py'} explore {sample} --no-plots"
+    shell = f"{explore} 2>{tmp_path / 'err'} | head -c 0; echo ${{PIPESTATUS[0]}}"
+    for buffered in (True, False):
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+        env.update({} if buffered else {"PYTHONUNBUFFERED": "1"})
+        done = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, env=env)
+        assert (tmp_path / "err").read_text() == "", buffered
+        assert done.stdout.strip() == "141", buffered  # head has gone before python prints
