@@ -404,6 +404,16 @@ def kaggle_input_root() -> Path:
     return Path(os.environ.get("KAGGLE_INPUT_ROOT", "/kaggle/input"))
 
 
+def working_root() -> Path:
+    """Where commands write by default: $KAGGLE_WORKING_ROOT, else /kaggle/working inside a Kaggle
+    kernel (which sets KAGGLE_KERNEL_RUN_TYPE), else the current directory."""
+    if "KAGGLE_WORKING_ROOT" in os.environ:
+        return Path(os.environ["KAGGLE_WORKING_ROOT"])
+    if "KAGGLE_KERNEL_RUN_TYPE" in os.environ:
+        return Path("/kaggle/working")
+    return Path()
+
+
 def find_data(split: str, announce: bool = True) -> str:
     """The CSV for `split` ('train' or 'test'): Kaggle input, then data/, then the sample."""
     names = (f"mnist_{split}.csv", f"mnist_{split}.csv.gz")
@@ -419,6 +429,11 @@ def find_data(split: str, announce: bool = True) -> str:
     if (DATA_DIR / KAGGLE_ZIP).is_file():
         return f"{DATA_DIR / KAGGLE_ZIP}::mnist_{split}.csv"
     sample = SAMPLE_DIR / f"mnist_{split}.csv.gz"
+    if not sample.is_file():  # a copy of the code without the sample, as in a Kaggle kernel
+        raise UserError(
+            f"no {split} CSV found in {kaggle_root} or {DATA_DIR} (attach the dataset "
+            f"{KAGGLE_DATASET} to the kernel, or download it: {MANUAL_DOWNLOAD})"
+        )
     if announce:
         print(
             f"note: using the bundled sample {sample.relative_to(ROOT)} (real digits, small); "
@@ -621,7 +636,9 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=CLIParser)
     ex = sub.add_parser("explore", help="print rows, class counts, pixel statistics; draw figures")
     ex.add_argument("csv", nargs="?", help="CSV, .csv.gz or .zip[::member]; default: found train")
-    ex.add_argument("--out-dir", type=Path, default=Path("outputs"), help="where figures go")
+    ex.add_argument(
+        "--out-dir", type=Path, default=working_root() / "outputs", help="where figures go"
+    )
     ex.add_argument("--no-plots", action="store_true", help="print statistics only")
     dl = sub.add_parser("download", help=f"fetch {KAGGLE_DATASET} with the kaggle client")
     dl.add_argument("--dest", type=Path, default=DATA_DIR, help="download directory")

@@ -33,14 +33,17 @@ TTA_DEGREES = 8.0
 
 def parse_args(argv: list[str] | None) -> dict:
     p = CLIParser(description="Predict with trained checkpoints; evaluate labelled input.")
+    work = dataset.working_root()
     p.add_argument(
         "--checkpoint",
         nargs="+",
-        default=["models/best.pt"],
+        default=[str(work / "models" / "best.pt")],
         help="one or more checkpoints; several average their probabilities (an ensemble)",
     )
     p.add_argument("--input", help="CSV to predict (.csv, .csv.gz, .zip[::member]); None: found")
-    p.add_argument("--output", default="submissions/submission.csv", help="submission CSV")
+    p.add_argument(
+        "--output", default=str(work / "submissions" / "submission.csv"), help="submission CSV"
+    )
     p.add_argument("--probabilities", action="store_true", help="add columns prob_0..prob_9")
     p.add_argument(
         "--tta",
@@ -49,7 +52,9 @@ def parse_args(argv: list[str] | None) -> dict:
         f"+-{TTA_DEGREES:g} degree rotations",
     )
     p.add_argument("--image", nargs="+", help="predict these image files instead of a CSV")
-    p.add_argument("--report-dir", default="outputs/report", help="evaluation report and figures")
+    p.add_argument(
+        "--report-dir", default=str(work / "outputs" / "report"), help="evaluation report, figures"
+    )
     p.add_argument("--no-report", action="store_true", help="write the submission only")
     p.add_argument("--batch-size", type=int, default=1024, help="images per forward pass")
     p.add_argument("--device", help="cpu, cuda or mps; None: the best available")

@@ -33,9 +33,11 @@ def csv_text(table: np.ndarray, header: tuple[str, ...] | None) -> str:
 
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path_factory, monkeypatch):
-    """Every test gets its own parse cache and no Kaggle input directory."""
+    """Every test gets its own parse cache, no Kaggle input directory and no kernel settings."""
     monkeypatch.setenv("MNIST_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
     monkeypatch.setenv("KAGGLE_INPUT_ROOT", str(tmp_path_factory.mktemp("no-kaggle") / "input"))
+    monkeypatch.delenv("KAGGLE_WORKING_ROOT", raising=False)
+    monkeypatch.delenv("KAGGLE_KERNEL_RUN_TYPE", raising=False)
 
 
 @pytest.fixture

@@ -33,6 +33,28 @@ def test_the_bundled_sample_is_used_last_and_says_so(project, capsys):
     assert len(dataset.load_csv(dataset.find_data("test"))) == 1000
 
 
+def test_without_data_or_sample_the_error_says_what_to_attach(project, tmp_path, monkeypatch):
+    monkeypatch.setattr(dataset, "SAMPLE_DIR", tmp_path / "no-sample")  # as in a Kaggle kernel
+    with pytest.raises(dataset.UserError, match="attach the dataset oddrationale/mnist-in-csv"):
+        dataset.find_data("train")
+
+
+def test_working_root_is_kaggles_inside_a_kernel(monkeypatch):
+    assert dataset.working_root() == Path()
+    monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Batch")
+    assert dataset.working_root() == Path("/kaggle/working")
+    monkeypatch.setenv("KAGGLE_WORKING_ROOT", "/elsewhere")
+    assert dataset.working_root() == Path("/elsewhere")
+    import predict
+    import train
+
+    assert train.parse_args([])["model_dir"] == "/elsewhere/models"
+    args = predict.parse_args([])
+    assert args["checkpoint"] == ["/elsewhere/models/best.pt"]
+    assert args["output"] == "/elsewhere/submissions/submission.csv"
+    assert args["report_dir"] == "/elsewhere/outputs/report"
+
+
 def test_data_dir_csvs_beat_the_sample(project, capsys):
     (project / "mnist_test.csv").write_text(csv_text(make_table(3), HEADER))
     assert dataset.find_data("test") == str(project / "mnist_test.csv")
