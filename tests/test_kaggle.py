@@ -78,6 +78,8 @@ def kaggle_roots(tmp_path, monkeypatch):
     working.mkdir()
     monkeypatch.setenv("KAGGLE_INPUT_ROOT", str(tmp_path / "kaggle" / "input"))
     monkeypatch.setenv("KAGGLE_WORKING_ROOT", str(working))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))  # where the notebook writes the code
     monkeypatch.setenv("KAGGLE_USERNAME", SECRET_USER)
     monkeypatch.setenv("KAGGLE_KEY", SECRET_KEY)
     return working
@@ -116,6 +118,8 @@ def test_the_notebook_runs_the_whole_pipeline_like_a_kaggle_kernel(kaggle_roots)
                    for o in c.outputs)  # fmt: skip
     assert "epoch   2/2" in text and "accuracy" in text
     assert not any(p.suffix == ".py" for p in working.rglob("*"))  # the code stays out of outputs
+    (code_dir,) = (working.parent.parent / "tmp").glob("mnist-csv-pipeline-*")
+    assert {p.name for p in code_dir.glob("*.py")} == set(load_builder().MODULES)
     assert_no_secret_in([p for p in working.rglob("*") if p.is_file()])
     assert SECRET_KEY not in nbformat.writes(notebook) and SECRET_USER not in nbformat.writes(
         notebook
