@@ -532,11 +532,31 @@ class Augment:
     translate: float = 0.1  # fraction of the side
     scale: float = 0.1  # +- fraction
     shear: float = 10.0  # degrees
+    hflip: bool = False  # mirror half the images left to right
+
+    @classmethod
+    def for_classes(cls, class_names) -> Augment:
+        """The policy for a task: digits get small affine distortions; Fashion-MNIST's garments
+        are mirrored and shifted, but not rotated or sheared (that cost `basic` 2 points)."""
+        if tuple(class_names) == FASHION_CLASSES:
+            return cls(degrees=0.0, translate=0.1, scale=0.0, shear=0.0, hflip=True)
+        return cls()
+
+    def describe(self) -> str:
+        parts = [
+            (self.hflip, "mirroring"),
+            (self.degrees, f"rotation up to {self.degrees:g} degrees"),
+            (self.translate, f"shift up to {self.translate:.0%}"),
+            (self.scale, f"scale up to {self.scale:.0%}"),
+            (self.shear, f"shear up to {self.shear:g} degrees"),
+        ]
+        return ", ".join(text for on, text in parts if on) or "none"
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Distort a float batch [B,1,H,W] whose background is 0."""
         n = x.shape[0]
-        u = torch.rand(n, 5, generator=generator, device=generator.device) * 2 - 1
+        draws = 6 if self.hflip else 5  # digits keep the random stream they were tuned with
+        u = torch.rand(n, draws, generator=generator, device=generator.device) * 2 - 1
         u = u.to(x.device)
         angle = u[:, 0] * math.radians(self.degrees)
         shear = u[:, 1] * math.radians(self.shear)
@@ -553,6 +573,8 @@ class Augment:
             ),
             1,
         )
+        if self.hflip:  # x_in = -x_out before the affine map: a mirror image
+            theta[:, :, 0] *= torch.where(u[:, 5] < 0, -1.0, 1.0)[:, None]
         grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
@@ -626,7 +648,7 @@ def explore(source: str, out_dir: Path, plots: bool = True) -> dict:
     if plots:
         import plots as figures
 
-        written = figures.exploration_figures(data, Augment(), out_dir)
+        written = figures.exploration_figures(data, Augment.for_classes(data.class_names), out_dir)
         print("wrote " + ", ".join(str(p) for p in written))
     return summary
 

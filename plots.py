@@ -106,7 +106,7 @@ def augmented_digits(data, augment, path: Path, n: int = 8, copies: int = 7, see
     grid = torch.stack(versions, 1).squeeze(2).mul(255).clamp(0, 255).numpy()
     titles = ["original"] + [f"random {j}" for j in range(1, copies + 1)]
     titles += [""] * (n - 1) * (copies + 1)
-    suptitle = "Training augmentation: rotation, shift, scale and shear, drawn anew each epoch"
+    suptitle = f"Training augmentation, drawn anew each epoch: {augment.describe()}"
     fig = _digit_grid(grid.reshape(-1, 28, 28), titles, suptitle, cols=copies + 1)
     return _save(fig, path)
 

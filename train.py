@@ -76,6 +76,13 @@ def parse_args(argv: list[str] | None) -> dict:
         "--label-smoothing", type=float, default=DEFAULTS["label_smoothing"], help="of the loss"
     )
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="split, init, shuffling")
+    p.add_argument(
+        "--ensemble",
+        type=int,
+        default=1,
+        help="train N models with seeds SEED..SEED+N-1 into MODEL_DIR/seedK/ (predict.py "
+        "averages them: --checkpoint MODEL_DIR/seed*/best.pt)",
+    )
     p.add_argument("--device", help="cpu, cuda or mps; None: the best available")
     work = dataset.working_root()
     p.add_argument("--out-dir", default=str(work / "outputs"), help="figures, history, metrics")
@@ -97,6 +104,8 @@ def check_config(cfg: dict) -> None:
         raise UserError(f"--lr {cfg['lr']}: must be positive")
     if not 0 <= cfg["label_smoothing"] < 1:
         raise UserError(f"--label-smoothing {cfg['label_smoothing']}: must be in [0, 1)")
+    if cfg.get("ensemble", 1) < 1:  # checkpoints older than --ensemble lack it
+        raise UserError(f"--ensemble {cfg['ensemble']}: must be at least 1")
     if cfg["max_rows"] is not None and cfg["max_rows"] < 20:
         raise UserError(f"--max-rows {cfg['max_rows']}: must be at least 20")
     models.require_arch(cfg["arch"])
@@ -236,7 +245,7 @@ def train(cfg: dict, resume: dict | None = None) -> dict:
         *split["train"],
         cfg["batch_size"],
         shuffle=True,
-        augment=dataset.Augment() if cfg["augment"] else None,
+        augment=dataset.Augment.for_classes(data.class_names) if cfg["augment"] else None,
         seed=cfg["seed"],
         drop_last=len(split["train"][0]) > cfg["batch_size"],
         **common,
@@ -267,7 +276,7 @@ def train(cfg: dict, resume: dict | None = None) -> dict:
     if not cfg["no_plots"] and resume is None:
         import plots
 
-        plots.exploration_figures(data, dataset.Augment(), out_dir)
+        plots.exploration_figures(data, dataset.Augment.for_classes(data.class_names), out_dir)
 
     meta = {
         "arch": cfg["arch"],
@@ -349,10 +358,31 @@ def train(cfg: dict, resume: dict | None = None) -> dict:
     return summary
 
 
+def train_ensemble(cfg: dict) -> dict:
+    """Train `ensemble` models, each with its own seed (split, init, order), each in its own
+    folder; return their summaries."""
+    check_config(cfg)
+    members = []
+    for seed in range(cfg["seed"], cfg["seed"] + cfg["ensemble"]):
+        member = f"seed{seed}"
+        print(f"ensemble member {seed - cfg['seed'] + 1}/{cfg['ensemble']}: {member}")
+        members.append(train({
+            **cfg, "seed": seed, "ensemble": 1,
+            "model_dir": str(Path(cfg["model_dir"]) / member),
+            "out_dir": str(Path(cfg["out_dir"]) / member),
+        }))  # fmt: skip
+    checkpoints = " ".join(str(Path(cfg["model_dir"]) / f"seed{s}" / "best.pt")
+                           for s in range(cfg["seed"], cfg["seed"] + cfg["ensemble"]))  # fmt: skip
+    print(
+        f"ensemble of {cfg['ensemble']}; predict with: python predict.py --checkpoint {checkpoints}"
+    )
+    return {"members": members}
+
+
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_args(argv)
     if cfg["resume"] is None:
-        return train(cfg)
+        return train(cfg) if cfg["ensemble"] == 1 else train_ensemble(cfg)
     ckpt = models.load_checkpoint(cfg["resume"])
     if "optimizer" not in ckpt or "rng" not in ckpt:
         raise UserError(f"{cfg['resume']}: not resumable (resume from last.pt, not best.pt)")

@@ -82,6 +82,18 @@ def test_augmentation_moves_ink_but_keeps_a_digit():
     torch.testing.assert_close(identity, x, atol=1e-5, rtol=0)
 
 
+def test_fashion_policy_mirrors_about_half_and_digits_are_never_mirrored():
+    x = torch.rand(64, 1, 28, 28)
+    mirror = Augment(degrees=0, translate=0, scale=0, shear=0, hflip=True)
+    out = mirror(x, torch.Generator().manual_seed(0))
+    flipped = (out - x.flip(-1)).abs().flatten(1).amax(1) < 1e-5
+    kept = (out - x).abs().flatten(1).amax(1) < 1e-5
+    assert (flipped ^ kept).all() and 16 < int(flipped.sum()) < 48
+    fashion = Augment.for_classes(dataset.FASHION_CLASSES)
+    assert fashion.hflip and fashion.degrees == fashion.shear == 0
+    assert not Augment.for_classes(dataset.DIGIT_CLASSES).hflip  # a mirrored 2 is no 2
+
+
 def test_stratified_split_is_seeded_disjoint_and_proportional():
     labels = np.repeat(np.arange(10), [100, 200, 50, 100, 100, 100, 100, 100, 100, 150])
     train, val = dataset.stratified_split(labels, 0.2, seed=3)

@@ -55,6 +55,18 @@ def test_checkpoint_holds_what_is_needed_to_use_the_model(tmp_path):
     assert {"optimizer", "scheduler", "rng", "history"} <= last.keys()
 
 
+def test_an_ensemble_trains_differently_seeded_members(tmp_path, capsys):
+    args = quick_args(tmp_path, "--epochs", "1", "--max-rows", "300", "--arch", "basic")
+    summary = train.main([*args, "--ensemble", "2", "--seed", "5"])
+    assert len(summary["members"]) == 2
+    a, b = (models.load_checkpoint(tmp_path / "models" / f"seed{s}" / "best.pt") for s in (5, 6))
+    assert (a["config"]["seed"], b["config"]["seed"]) == (5, 6)
+    assert not torch.equal(a["state_dict"]["0.weight"], b["state_dict"]["0.weight"])
+    assert (tmp_path / "out" / "seed6" / "metrics.json").is_file()
+    out = capsys.readouterr().out
+    assert f"--checkpoint {tmp_path}/models/seed5/best.pt {tmp_path}/models/seed6/best.pt" in out
+
+
 def _history_without_timing(path) -> list[list[str]]:
     rows = [line.split(",") for line in path.read_text().splitlines()]
     return [row[:-1] for row in rows]  # the last column is seconds
@@ -105,6 +117,7 @@ def _bad(tmp_path, write_csv):
     return [
         (["--arch", "resnet999"], "--arch resnet999: unknown architecture"),
         (["--epochs", "0"], "--epochs 0: must be at least 1"),
+        (["--ensemble", "0"], "--ensemble 0: must be at least 1"),
         (["--val-split", "1.5"], "--val-split 1.5: must be between 0 and 1"),
         (["--val-split", "0"], "--val-split 0.0: must be between 0 and 1"),
         (["--optimizer", "rmsprop"], "invalid choice: 'rmsprop'"),
