@@ -92,6 +92,12 @@ def strong(num_classes: int = 10, width: int = 32) -> nn.Module:
     )
 
 
+@register("wide")
+def wide(num_classes: int = 10) -> nn.Module:
+    """`strong` with 1.5 times the filters (48, 96, 192): for Fashion-MNIST, at twice the cost."""
+    return strong(num_classes, width=48)
+
+
 def kaiming_init(net: nn.Module) -> nn.Module:
     """Kaiming-normal weights for ReLU nets, zero biases, unit batch-norm scales."""
     for m in net.modules():

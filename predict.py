@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None) -> dict:
         "--tta",
         action="store_true",
         help=f"test-time augmentation: average over {TTA_SHIFT}-pixel shifts and "
-        f"+-{TTA_DEGREES:g} degree rotations",
+        f"+-{TTA_DEGREES:g} degree rotations (Fashion-MNIST: shifts and the mirror image)",
     )
     p.add_argument("--image", nargs="+", help="predict these image files instead of a CSV")
     p.add_argument(
@@ -92,6 +92,7 @@ class Ensemble:
                     f"of {paths[0]} ({', '.join(self.class_names)}); an ensemble needs one task"
                 )
         self.paths = list(paths)
+        self.mirror = dataset.Augment.for_classes(self.class_names).hflip  # trained on mirrors
 
     def describe(self) -> str:
         return ", ".join(
@@ -105,7 +106,7 @@ class Ensemble:
         out = []
         with torch.inference_mode(), self.precision.autocast(self.device):
             for xb, _ in batches:
-                views = tta_views(xb) if tta else [xb]
+                views = tta_views(xb, self.mirror) if tta else [xb]
                 total = 0
                 for net, mean, std in self.members:
                     for view in views:
@@ -117,15 +118,18 @@ class Ensemble:
         return torch.cat(out).numpy()
 
 
-def tta_views(x: torch.Tensor) -> list[torch.Tensor]:
+def tta_views(x: torch.Tensor, mirror: bool = False) -> list[torch.Tensor]:
     """The batch [B,1,H,W] (background 0) as it is, shifted a pixel four ways, and rotated both
-    ways: seven views whose predictions are averaged."""
+    ways: seven views whose predictions are averaged. For models trained on mirrored images
+    (Fashion-MNIST) the mirror image replaces the two rotations."""
     s, h, w = TTA_SHIFT, x.shape[-2], x.shape[-1]
     padded = F.pad(x, (s, s, s, s))
     shifts = [
         padded[..., s - dy : s - dy + h, s - dx : s - dx + w]
         for dx, dy in ((s, 0), (-s, 0), (0, s), (0, -s))
     ]
+    if mirror:
+        return [x, *shifts, x.flip(-1)]
     return [x, *shifts, rotate(x, TTA_DEGREES), rotate(x, -TTA_DEGREES)]
 
 

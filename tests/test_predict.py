@@ -97,6 +97,8 @@ def test_tta_views_are_the_image_its_one_pixel_shifts_and_two_rotations():
     assert len(views) == 7 and torch.equal(views[0], x)
     moved = {tuple(torch.nonzero(v[0, 0])[0].tolist()) for v in views[1:5]}
     assert moved == {(10, 21), (10, 19), (11, 20), (9, 20)}
+    mirrored = predict.tta_views(x, mirror=True)  # a model trained on mirrored garments
+    assert len(mirrored) == 6 and torch.equal(mirrored[5], x.flip(-1))
     bar = torch.zeros(1, 1, 28, 28)
     bar[0, 0, 4:24, 13:15] = 1  # a vertical stroke
     for rotated in (predict.rotate(bar, 8), predict.rotate(bar, -8)):
