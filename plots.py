@@ -19,6 +19,7 @@ from atomic import atomic_write
 
 DPI = 120
 MISTAKE = "#c0392b"
+BAR = "#4c72b0"
 
 
 def _save(fig, path: Path) -> Path:
@@ -56,43 +57,53 @@ def _digit_grid(
     return fig
 
 
+def sample_rows(n_rows: int, labels: np.ndarray | None, per_class: int, unlabelled: int,
+                seed: int = 0) -> np.ndarray:  # fmt: skip
+    """Random row indices for a grid: `per_class` of each class, or `unlabelled` rows when there
+    are no labels."""
+    rng = np.random.default_rng(seed)
+    if labels is None:
+        return rng.choice(n_rows, size=min(unlabelled, n_rows), replace=False)
+    picks = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in np.unique(labels)]
+    return np.concatenate(picks)
+
+
 def sample_images(data, path: Path, per_class: int = 6, seed: int = 0) -> Path:
     """A grid of random images, `per_class` of each class when labelled."""
-    rng = np.random.default_rng(seed)
+    idx = sample_rows(len(data), data.labels, per_class, unlabelled=60, seed=seed)
     if data.labels is None:
-        idx = rng.choice(len(data), size=min(60, len(data)), replace=False)
         titles = [f"#{i + 1}" for i in idx]
     else:
-        idx = np.concatenate(
-            [
-                rng.permutation(np.flatnonzero(data.labels == c))[:per_class]
-                for c in range(len(data.class_names))
-            ]
-        )
         idx = idx.reshape(-1, per_class).T.ravel() if len(idx) == 10 * per_class else idx
         titles = [data.class_names[data.labels[i]] for i in idx]
     fig = _digit_grid(data.images[idx], titles, f"Sample images from {Path(data.source).name}")
     return _save(fig, path)
 
 
-def class_distribution(data, path: Path) -> Path:
-    """Bar chart of class counts with their shares."""
-    counts = np.bincount(data.labels, minlength=len(data.class_names))
-    fig, ax = plt.subplots(figsize=(8, 4))
-    bars = ax.bar(range(len(counts)), counts, color="#4c72b0")
-    ax.set_xticks(range(len(counts)), data.class_names, rotation=_tick_rotation(data.class_names))
-    for bar, n in zip(bars, counts, strict=True):
+def _class_bars(ax, values: np.ndarray, texts: list[str], class_names, colors) -> None:
+    """One bar per class, named on the x axis, each annotated with its text."""
+    bars = ax.bar(range(len(values)), values, color=colors)
+    ax.set_xticks(range(len(values)), class_names, rotation=_tick_rotation(class_names))
+    for bar, value, text in zip(bars, values, texts, strict=True):
         ax.annotate(
-            f"{n:,}\n{n / counts.sum():.1%}",
-            (bar.get_x() + bar.get_width() / 2, n),
+            text,
+            (bar.get_x() + bar.get_width() / 2, value),
             ha="center",
             va="bottom",
             fontsize=7,
         )
+    ax.spines[["top", "right"]].set_visible(False)
+
+
+def class_distribution(data, path: Path) -> Path:
+    """Bar chart of class counts with their shares."""
+    counts = np.bincount(data.labels, minlength=len(data.class_names))
+    fig, ax = plt.subplots(figsize=(8, 4))
+    texts = [f"{n:,}\n{n / counts.sum():.1%}" for n in counts]
+    _class_bars(ax, counts, texts, data.class_names, BAR)
     ax.set_ylabel("images")
     ax.set_ylim(0, counts.max() * 1.18)
     ax.set_title(f"Class distribution: {len(data):,} images in {Path(data.source).name}")
-    ax.spines[["top", "right"]].set_visible(False)
     return _save(fig, path)
 
 
@@ -194,24 +205,16 @@ def prediction_grid(
     return _save(fig, path)
 
 
-def per_class_errors(error_rate: list[float], support: list[int], class_names, path: Path) -> Path:
+def per_class_errors(errors: list[int], support: list[int], class_names, path: Path) -> Path:
     """Error rate of each true class, with its error count over its support."""
-    rates = 100 * np.array(error_rate, dtype=float)
+    errors, support = np.array(errors), np.array(support)
+    rates = np.divide(100 * errors, support, out=np.zeros(len(errors)), where=support > 0)
     fig, ax = plt.subplots(figsize=(8, 4))
     worst = np.argsort(rates)[::-1][:3]
-    colors = [MISTAKE if i in worst and rates[i] > 0 else "#4c72b0" for i in range(len(rates))]
-    bars = ax.bar(range(len(rates)), rates, color=colors)
-    ax.set_xticks(range(len(rates)), class_names, rotation=_tick_rotation(class_names))
-    for bar, rate, n in zip(bars, rates, support, strict=True):
-        ax.annotate(
-            f"{rate:.1f}%\n{round(rate * n / 100)}/{n}",
-            (bar.get_x() + bar.get_width() / 2, rate),
-            ha="center",
-            va="bottom",
-            fontsize=7,
-        )
+    colors = [MISTAKE if i in worst and rates[i] > 0 else BAR for i in range(len(rates))]
+    texts = [f"{r:.1f}%\n{e}/{n}" for r, e, n in zip(rates, errors, support, strict=True)]
+    _class_bars(ax, rates, texts, class_names, colors)
     ax.set(xlabel="true class", ylabel="error rate (%)")
     ax.set_ylim(0, max(rates.max(), 0.1) * 1.25)
     ax.set_title("Error rate per class (the three worst in red)")
-    ax.spines[["top", "right"]].set_visible(False)
     return _save(fig, path)

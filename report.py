@@ -90,15 +90,6 @@ def print_summary(metrics: dict) -> None:
         ))  # fmt: skip
 
 
-def sample_rows(n_rows: int, labels: np.ndarray | None, seed: int = 0) -> np.ndarray:
-    """Row indices for the sample grid: four of each true class, or 40 at random unlabelled."""
-    rng = np.random.default_rng(seed)
-    if labels is None:
-        return rng.choice(n_rows, size=min(40, n_rows), replace=False)
-    picks = [rng.permutation(np.flatnonzero(labels == c))[:4] for c in np.unique(labels)]
-    return np.concatenate(picks)
-
-
 def caption(names, pred: int, conf: float, true: int | None = None) -> str:
     text = f"{names[pred]} {conf:.0%}"
     return text if true is None or true == pred else f"{text}\ntrue: {names[true]}"
@@ -108,7 +99,7 @@ def draw_predictions(images, probs, labels, names, source: str, path: Path) -> P
     """The sample predictions grid (mistakes marked when labels are known)."""
     import plots
 
-    rows = sample_rows(len(images), labels)
+    rows = plots.sample_rows(len(images), labels, per_class=4, unlabelled=40)
     preds, conf = probs.argmax(1), probs.max(1)
     truth = [None] * len(rows) if labels is None else labels[rows]
     captions = [caption(names, preds[i], conf[i], t) for i, t in zip(rows, truth, strict=True)]
@@ -130,7 +121,7 @@ def write(out_dir: Path, metrics: dict, images, labels, probs, context: dict) ->
         np.array(metrics["confusion_matrix"]), names, out_dir / "confusion_matrix.png"
     )
     plots.per_class_errors(
-        [c["error_rate"] for c in metrics["per_class"].values()],
+        [c["errors"] for c in metrics["per_class"].values()],
         [c["support"] for c in metrics["per_class"].values()],
         names,
         out_dir / "per_class_errors.png",

@@ -237,6 +237,7 @@ def train(cfg: dict, resume: dict | None = None) -> dict:
     data = split["data"]
     out_dir, model_dir = Path(cfg["out_dir"]), Path(cfg["model_dir"])
     mean, std = dataset.pixel_stats(split["train"][0])
+    policy = dataset.Augment.for_classes(data.class_names)
 
     torch.manual_seed(cfg["seed"])
     net = precision.place(models.build(cfg["arch"], num_classes=len(data.class_names)), device)
@@ -245,7 +246,7 @@ def train(cfg: dict, resume: dict | None = None) -> dict:
         *split["train"],
         cfg["batch_size"],
         shuffle=True,
-        augment=dataset.Augment.for_classes(data.class_names) if cfg["augment"] else None,
+        augment=policy if cfg["augment"] else None,
         seed=cfg["seed"],
         drop_last=len(split["train"][0]) > cfg["batch_size"],
         **common,
@@ -276,7 +277,7 @@ def train(cfg: dict, resume: dict | None = None) -> dict:
     if not cfg["no_plots"] and resume is None:
         import plots
 
-        plots.exploration_figures(data, dataset.Augment.for_classes(data.class_names), out_dir)
+        plots.exploration_figures(data, policy, out_dir)
 
     meta = {
         "arch": cfg["arch"],
