@@ -68,6 +68,14 @@ LAYOUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "fashion-mnist-unlabelled": (_PIXEL1, FASHION_CLASSES),
 }
 _BY_HEADER = {columns: name for name, (columns, _) in LAYOUTS.items()}
+
+
+def task_of(class_names) -> str:
+    """The task a set of class names belongs to, "fashion" (Fashion-MNIST) or "digits": training
+    recipes and augmentation policies are chosen per task."""
+    return "fashion" if tuple(class_names) == FASHION_CLASSES else "digits"
+
+
 PARSER_VERSION = 1  # bump when parsing changes, so that old cache entries are ignored
 CHUNK_BYTES = 1 << 20
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
@@ -538,7 +546,7 @@ class Augment:
     def for_classes(cls, class_names) -> Augment:
         """The policy for a task: digits get small affine distortions; Fashion-MNIST's garments
         are mirrored and shifted, but not rotated or sheared (that cost `basic` 2 points)."""
-        if tuple(class_names) == FASHION_CLASSES:
+        if task_of(class_names) == "fashion":
             return cls(degrees=0.0, translate=0.1, scale=0.0, shear=0.0, hflip=True)
         return cls()
 

@@ -123,11 +123,13 @@ def augmented_digits(data, augment, path: Path, n: int = 8, copies: int = 7, see
 
 
 def exploration_figures(data, augment, out_dir: Path) -> list[Path]:
-    """Sample images, the class distribution (labelled data) and augmented digits."""
+    """Sample images, the class distribution (labelled data) and augmented digits (unless
+    `augment` is None: training without augmentation)."""
     written = [sample_images(data, out_dir / "sample_images.png")]
     if data.labels is not None:
         written.append(class_distribution(data, out_dir / "class_distribution.png"))
-    written.append(augmented_digits(data, augment, out_dir / "augmented_digits.png"))
+    if augment is not None:
+        written.append(augmented_digits(data, augment, out_dir / "augmented_digits.png"))
     return written
 
 

@@ -26,18 +26,26 @@ import model as models
 from atomic import atomic_write, write_json
 from dataset import CLIParser, UserError
 
-# The default recipe; see the README's "Training" section for the experiments behind it.
+# Settings every recipe shares; see docs/experiments.md for the experiments behind them.
 DEFAULTS = dict(
-    arch="strong",
-    epochs=15,
-    batch_size=128,
-    lr=3e-3,
     optimizer="adamw",
     scheduler="onecycle",
     label_smoothing=0.1,
     val_split=0.1,
     seed=0,
 )
+# The recipes `--preset` picks from, per task (dataset.task_of: the class names tell digits from
+# Fashion-MNIST). A flag given on the command line wins over its recipe's value.
+PRESETS = {
+    "best": {
+        "digits": dict(arch="strong", epochs=15, batch_size=128, lr=3e-3, augment=True),
+        "fashion": dict(arch="wide", epochs=20, batch_size=128, lr=3e-3, augment=True),
+    },
+    "fast": {
+        "digits": dict(arch="basic_bn", epochs=6, batch_size=256, lr=1e-2, augment=False),
+        "fashion": dict(arch="basic_bn", epochs=6, batch_size=256, lr=1e-2, augment=False),
+    },
+}
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("onecycle", "cosine", "step", "plateau", "none")
 RESUME_OVERRIDES = (
@@ -55,11 +63,16 @@ def parse_args(argv: list[str] | None) -> dict:
         "--val-split", type=float, default=DEFAULTS["val_split"], help="validation share"
     )
     p.add_argument(
-        "--arch", default=DEFAULTS["arch"], help=f"one of {', '.join(models.ARCHITECTURES)}"
+        "--preset",
+        choices=PRESETS,
+        default="best",
+        help="recipe: best (most accurate, the default) or fast (shortest time to accuracy); "
+        "it sets --arch, --epochs, --batch-size, --lr and --augment per task unless given",
     )
-    p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], help="passes over the data")
-    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="images a step")
-    p.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="(peak) learning rate")
+    p.add_argument("--arch", help=f"one of {', '.join(models.ARCHITECTURES)}")
+    p.add_argument("--epochs", type=int, help="passes over the data")
+    p.add_argument("--batch-size", type=int, help="images a step")
+    p.add_argument("--lr", type=float, help="(peak) learning rate")
     p.add_argument(
         "--optimizer", choices=OPTIMIZERS, default=DEFAULTS["optimizer"], help="optimizer"
     )
@@ -70,7 +83,7 @@ def parse_args(argv: list[str] | None) -> dict:
         help="learning-rate schedule",
     )
     p.add_argument(
-        "--augment", action=argparse.BooleanOptionalAction, default=True, help="random affine"
+        "--augment", action=argparse.BooleanOptionalAction, help="random distortions per batch"
     )
     p.add_argument(
         "--label-smoothing", type=float, default=DEFAULTS["label_smoothing"], help="of the loss"
@@ -95,20 +108,24 @@ def parse_args(argv: list[str] | None) -> dict:
 
 
 def check_config(cfg: dict) -> None:
-    """Reject settings that cannot train, one line each."""
-    if cfg["epochs"] < 1:
-        raise UserError(f"--epochs {cfg['epochs']}: must be at least 1")
-    if cfg["batch_size"] < 1:
-        raise UserError(f"--batch-size {cfg['batch_size']}: must be at least 1")
-    if not cfg["lr"] > 0:
+    """Reject settings that cannot train, one line each; recipe flags still unset pass."""
+    for key in ("epochs", "batch_size", "ensemble"):  # checkpoints older than --ensemble lack it
+        if cfg.get(key) is not None and cfg[key] < 1:
+            raise UserError(f"--{key.replace('_', '-')} {cfg[key]}: must be at least 1")
+    if cfg["lr"] is not None and not cfg["lr"] > 0:
         raise UserError(f"--lr {cfg['lr']}: must be positive")
     if not 0 <= cfg["label_smoothing"] < 1:
         raise UserError(f"--label-smoothing {cfg['label_smoothing']}: must be in [0, 1)")
-    if cfg.get("ensemble", 1) < 1:  # checkpoints older than --ensemble lack it
-        raise UserError(f"--ensemble {cfg['ensemble']}: must be at least 1")
     if cfg["max_rows"] is not None and cfg["max_rows"] < 20:
         raise UserError(f"--max-rows {cfg['max_rows']}: must be at least 20")
-    models.require_arch(cfg["arch"])
+    if cfg["arch"] is not None:
+        models.require_arch(cfg["arch"])
+
+
+def with_recipe(cfg: dict, class_names) -> dict:
+    """`cfg` with each unset recipe flag taken from its preset's recipe for this task."""
+    recipe = PRESETS[cfg.get("preset", "best")][dataset.task_of(class_names)]
+    return {**cfg, **{key: value for key, value in recipe.items() if cfg.get(key) is None}}
 
 
 def make_optimizer(cfg: dict, net: nn.Module) -> torch.optim.Optimizer:
@@ -235,9 +252,11 @@ def train(cfg: dict, resume: dict | None = None) -> dict:
     precision = models.precision_for(device)
     split = load_split(cfg)
     data = split["data"]
+    cfg = with_recipe(cfg, data.class_names)
+    check_config(cfg)
     out_dir, model_dir = Path(cfg["out_dir"]), Path(cfg["model_dir"])
     mean, std = dataset.pixel_stats(split["train"][0])
-    policy = dataset.Augment.for_classes(data.class_names)
+    policy = dataset.Augment.for_classes(data.class_names) if cfg["augment"] else None
 
     torch.manual_seed(cfg["seed"])
     net = precision.place(models.build(cfg["arch"], num_classes=len(data.class_names)), device)
@@ -246,7 +265,7 @@ def train(cfg: dict, resume: dict | None = None) -> dict:
         *split["train"],
         cfg["batch_size"],
         shuffle=True,
-        augment=policy if cfg["augment"] else None,
+        augment=policy,
         seed=cfg["seed"],
         drop_last=len(split["train"][0]) > cfg["batch_size"],
         **common,
@@ -270,7 +289,8 @@ def train(cfg: dict, resume: dict | None = None) -> dict:
         history, best_acc, start = resume["history"], resume["best_val_acc"], resume["epoch"] + 1
 
     print(
-        f"training {cfg['arch']} on {len(split['train'][0]):,} images "
+        f"training {cfg['arch']} ({cfg.get('preset', 'best')} recipe for "
+        f"{dataset.task_of(data.class_names)}) on {len(split['train'][0]):,} images "
         f"({len(split['val'][0]):,} for validation) from {data.source}; "
         f"{device.type}, {precision.describe()}"
     )

@@ -67,6 +67,33 @@ def test_an_ensemble_trains_differently_seeded_members(tmp_path, capsys):
     assert f"--checkpoint {tmp_path}/models/seed5/best.pt {tmp_path}/models/seed6/best.pt" in out
 
 
+def test_the_recipe_follows_preset_and_task_and_given_flags_win(tmp_path, write_csv):
+    fashion = write_csv("fashion.csv", make_table(200), "fashion-mnist")
+    runs = {
+        "digits": quick_args(tmp_path / "digits", "--epochs", "1", "--max-rows", "300"),
+        "fashion": [*quick_args(tmp_path / "fashion", "--epochs", "1"), "--train", str(fashion)],
+        "fast": [
+            "--train", SAMPLE_TRAIN, "--quiet", "--model-dir", str(tmp_path / "fast" / "models"),
+            "--out-dir", str(tmp_path / "fast" / "out"), "--max-rows", "300",
+            "--preset", "fast", "--lr", "2e-3",
+        ],
+    }  # fmt: skip
+    for args in runs.values():
+        train.main(args)
+    config = {
+        name: models.load_checkpoint(tmp_path / name / "models" / "best.pt")["config"]
+        for name in runs
+    }
+    recipe = ("arch", "epochs", "batch_size", "lr", "augment")
+    assert [config["digits"][k] for k in recipe] == ["strong", 1, 128, 3e-3, True]
+    assert [config["fashion"][k] for k in recipe] == ["wide", 1, 128, 3e-3, True]
+    assert [config["fast"][k] for k in recipe] == ["basic_bn", 6, 256, 2e-3, False]
+    history = (tmp_path / "fast" / "out" / "history.csv").read_text().splitlines()
+    assert len(history) == 1 + 6
+    figures = {path.name for path in (tmp_path / "fast" / "out").glob("*.png")}
+    assert figures == {"sample_images.png", "class_distribution.png", "training_curves.png"}
+
+
 def _history_without_timing(path) -> list[list[str]]:
     rows = [line.split(",") for line in path.read_text().splitlines()]
     return [row[:-1] for row in rows]  # the last column is seconds

@@ -1,0 +1,166 @@
+"""The project against the peer (../shared/bench/peer_seed.py) on the same files in one run: CSV
+parse, cached load, training throughput, time to the peer's accuracy, inference, peak memory.
+
+usage: python bench/side_by_side.py [--epochs N] [--device DEV] [TRAIN TEST] [-- TRAIN_FLAGS]
+Default files: ../shared/data/fashion-mnist_{train,test}.csv.gz (60,000 + 10,000 rows). The peer
+trains for --epochs (15); the project runs `python train.py --preset fast` (or TRAIN_FLAGS) from an
+empty parse cache, and the clock runs from process start to exit for both. Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+PEER = SHARED / "bench" / "peer_seed.py"
+
+# Reading both files as each side does at the start of training: the peer with pandas and its
+# float conversion, the project with dataset.read_csv (no cache), then dataset.load_csv twice
+# (fill the cache, then read it). Prints one JSON line of seconds.
+LOADS = """
+import json, sys, time
+sys.path[:0] = [sys.argv[1], sys.argv[2]]
+import pandas as pd
+import dataset
+from peer_seed import CSVDataset
+def clock(fn):
+    t = time.perf_counter(); fn(); return time.perf_counter() - t
+files = sys.argv[3:]
+peer = clock(lambda: [CSVDataset(pd.read_csv(f)) for f in files])
+parse = clock(lambda: [dataset.read_csv(f) for f in files])
+[dataset.load_csv(f) for f in files]
+cached = clock(lambda: [dataset.load_csv(f) for f in files])
+print(json.dumps({"peer": peer, "parse": parse, "cached": cached}))
+"""
+
+# The peer's evaluation loop as peer_seed.py runs it (DataLoader(100), fp32) against
+# predict.Ensemble on the same test file and the project's trained checkpoint; images/s each.
+INFERENCE = """
+import json, sys, time
+sys.path[:0] = [sys.argv[1], sys.argv[2]]
+import pandas as pd, torch
+from torch.utils.data import DataLoader
+import dataset, model, predict
+from peer_seed import CNN, CSVDataset
+device = model.pick_device(sys.argv[5])
+if device.type == "cpu":
+    model.keep_freed_memory()
+ds = CSVDataset(pd.read_csv(sys.argv[3]))
+net = CNN().eval()
+t = time.perf_counter()
+with torch.no_grad():
+    for x, _ in DataLoader(ds, batch_size=100):
+        net(x).argmax(1)
+peer = len(ds) / (time.perf_counter() - t)
+images = dataset.load_csv(sys.argv[3]).images
+ens = predict.Ensemble([sys.argv[4]], device)
+ens.predict_proba(images[:1024])  # first-call set-up, as the peer's first batch pays it too
+t = time.perf_counter()
+ens.predict_proba(images)
+print(json.dumps({"peer": peer, "project": len(images) / (time.perf_counter() - t)}))
+"""
+
+
+def run(cmd: list[str], env: dict) -> tuple[float, int, str]:
+    """Wall seconds from process start to exit, peak RSS in bytes, and stdout of one command."""
+    with tempfile.TemporaryFile("w+") as out:
+        t = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, text=True, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        err = proc.stderr.read()
+        if proc.returncode:
+            sys.exit(f"{' '.join(cmd[:3])}: exit {proc.returncode}\n{err[-2000:]}")
+        out.seek(0)
+        return wall, usage.ru_maxrss * 1024, out.read()
+
+
+def last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def machine() -> str:
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next(line.split(":", 1)[1].strip() for line in cpuinfo if "model name" in line)
+    except (OSError, StopIteration):
+        cpu = platform.processor() or platform.machine()
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("train_csv", nargs="?", default=str(SHARED / "data/fashion-mnist_train.csv.gz"))
+    p.add_argument("test_csv", nargs="?", default=str(SHARED / "data/fashion-mnist_test.csv.gz"))
+    p.add_argument("--epochs", type=int, default=15, help="the peer's epochs")
+    p.add_argument("--device", default="cpu", help="the project's device")
+    p.add_argument(
+        "train_flags", nargs="*", help="after --: train.py flags (default --preset fast)"
+    )
+    args = p.parse_args()
+    flags = args.train_flags or ["--preset", "fast"]
+    py = sys.executable
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        env = {**os.environ, "MNIST_CACHE_DIR": str(tmp / "cache")}
+        peer_wall, peer_rss, peer_out = run(
+            [py, str(PEER), args.train_csv, args.test_csv, str(args.epochs)], env
+        )
+        peer = last_json(peer_out)
+        ours_wall, ours_rss, _ = run(
+            [py, str(ROOT / "train.py"), "--train", args.train_csv, "--test", args.test_csv,
+             "--device", args.device, "--quiet", "--out-dir", str(tmp / "out"),
+             "--model-dir", str(tmp / "models"), *flags],
+            env,
+        )  # fmt: skip
+        ours = json.loads((tmp / "out" / "metrics.json").read_text())
+        fresh_cache = {**env, "MNIST_CACHE_DIR": str(tmp / "cache2")}
+        loads = last_json(run([py, "-c", LOADS, str(ROOT), str(PEER.parent), args.train_csv,
+                               args.test_csv], fresh_cache)[2])  # fmt: skip
+        inference = last_json(run([py, "-c", INFERENCE, str(ROOT), str(PEER.parent),
+                                   args.test_csv, str(tmp / "models" / "best.pt"),
+                                   args.device], env)[2])  # fmt: skip
+    peer_ips = peer["train_rows"] / statistics.mean(peer["epoch_s"])
+    met = ours["test_acc"] >= peer["test_acc"]
+    rows = [
+        ("CSV parse, both files (s)", loads["peer"], loads["parse"], "{:.2f}", True),
+        ("cached load, both files (s; the peer parses again)", loads["peer"], loads["cached"],
+         "{:.3f}", True),
+        ("training throughput (images/s)", peer_ips, ours["train_images_per_s"], "{:,.0f}", False),
+        ("wall time, process start to exit (s)", peer_wall, ours_wall, "{:.1f}", True),
+        ("inference (images/s)", inference["peer"], inference["project"], "{:,.0f}", False),
+        ("peak memory, training process (MB)", peer_rss / 1e6, ours_rss / 1e6, "{:,.0f}", True),
+    ]  # fmt: skip
+    print(f"machine: {machine()}; project device {args.device}, the peer as written (CPU)")
+    print(
+        f"files: {Path(args.train_csv).name}, {Path(args.test_csv).name}; peer: {args.epochs} "
+        f"epochs; project: train.py {' '.join(flags)}"
+    )
+    print("\n| measure | peer | project | project vs peer |\n|---|---|---|---|")
+    for name, theirs, mine, fmt, lower_is_better in rows:
+        ratio = theirs / mine if lower_is_better else mine / theirs
+        print(f"| {name} | {fmt.format(theirs)} | {fmt.format(mine)} | {ratio:.2f}x |")
+    print(
+        f"| test accuracy | {peer['test_acc']:.2%} | {ours['test_acc']:.2%} | "
+        f"{'at least the peer' if met else 'below the peer'} |"
+    )
+    print(
+        f"\ntime to the peer's accuracy: {'met' if met else 'NOT met'} in {ours_wall:.1f} s, "
+        f"{peer_wall / ours_wall:.2f}x faster than the peer's {peer_wall:.1f} s "
+        f"(target: 5x on CPU, 10x on GPU)"
+    )
+
+
+if __name__ == "__main__":
+    main()
