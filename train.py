@@ -36,15 +36,13 @@ DEFAULTS = dict(
 )
 # The recipes `--preset` picks from, per task (dataset.task_of: the class names tell digits from
 # Fashion-MNIST). A flag given on the command line wins over its recipe's value.
+FAST = dict(arch="basic_bn", epochs=6, batch_size=256, lr=1e-2, augment=False)
 PRESETS = {
     "best": {
         "digits": dict(arch="strong", epochs=15, batch_size=128, lr=3e-3, augment=True),
         "fashion": dict(arch="wide", epochs=20, batch_size=128, lr=3e-3, augment=True),
     },
-    "fast": {
-        "digits": dict(arch="basic_bn", epochs=6, batch_size=256, lr=1e-2, augment=False),
-        "fashion": dict(arch="basic_bn", epochs=6, batch_size=256, lr=1e-2, augment=False),
-    },
+    "fast": {"digits": FAST, "fashion": FAST},
 }
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("onecycle", "cosine", "step", "plateau", "none")
@@ -289,7 +287,7 @@ def train(cfg: dict, resume: dict | None = None) -> dict:
         history, best_acc, start = resume["history"], resume["best_val_acc"], resume["epoch"] + 1
 
     print(
-        f"training {cfg['arch']} ({cfg.get('preset', 'best')} recipe for "
+        f"training {cfg['arch']} (--preset {cfg.get('preset', 'best')}, "
         f"{dataset.task_of(data.class_names)}) on {len(split['train'][0]):,} images "
         f"({len(split['val'][0]):,} for validation) from {data.source}; "
         f"{device.type}, {precision.describe()}"

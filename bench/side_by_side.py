@@ -1,7 +1,10 @@
-"""The project against the peer (../shared/bench/peer_seed.py) on the same files in one run: CSV
-parse, cached load, training throughput, time to the peer's accuracy, inference, peak memory.
+"""The project side by side with the peer (../shared/bench/peer_seed.py) in one run.
 
-usage: python bench/side_by_side.py [--epochs N] [--device DEV] [TRAIN TEST] [-- TRAIN_FLAGS]
+Same files, one table: CSV parse, cached load, training throughput, time to the peer's accuracy,
+inference throughput, peak memory.
+
+usage: python bench/side_by_side.py [--train CSV] [--test CSV] [--epochs N] [--device DEV]
+                                    [-- TRAIN_FLAGS]
 Default files: ../shared/data/fashion-mnist_{train,test}.csv.gz (60,000 + 10,000 rows). The peer
 trains for --epochs (15); the project runs `python train.py --preset fast` (or TRAIN_FLAGS) from an
 empty parse cache, and the clock runs from process start to exit for both. Prints a Markdown table.
@@ -73,15 +76,15 @@ print(json.dumps({"peer": peer, "project": len(images) / (time.perf_counter() - 
 
 def run(cmd: list[str], env: dict) -> tuple[float, int, str]:
     """Wall seconds from process start to exit, peak RSS in bytes, and stdout of one command."""
-    with tempfile.TemporaryFile("w+") as out:
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         t = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, text=True, env=env)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        err = proc.stderr.read()
-        if proc.returncode:
-            sys.exit(f"{' '.join(cmd[:3])}: exit {proc.returncode}\n{err[-2000:]}")
+        code = os.waitstatus_to_exitcode(status)
+        if code:
+            err.seek(0)
+            sys.exit(f"{' '.join(cmd[:3])}: exit {code}\n{err.read()[-2000:]}")
         out.seek(0)
         return wall, usage.ru_maxrss * 1024, out.read()
 
@@ -101,8 +104,8 @@ def machine() -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("train_csv", nargs="?", default=str(SHARED / "data/fashion-mnist_train.csv.gz"))
-    p.add_argument("test_csv", nargs="?", default=str(SHARED / "data/fashion-mnist_test.csv.gz"))
+    p.add_argument("--train", default=str(SHARED / "data/fashion-mnist_train.csv.gz"))
+    p.add_argument("--test", default=str(SHARED / "data/fashion-mnist_test.csv.gz"))
     p.add_argument("--epochs", type=int, default=15, help="the peer's epochs")
     p.add_argument("--device", default="cpu", help="the project's device")
     p.add_argument(
@@ -115,21 +118,21 @@ def main() -> None:
         tmp = Path(tmp)
         env = {**os.environ, "MNIST_CACHE_DIR": str(tmp / "cache")}
         peer_wall, peer_rss, peer_out = run(
-            [py, str(PEER), args.train_csv, args.test_csv, str(args.epochs)], env
+            [py, str(PEER), args.train, args.test, str(args.epochs)], env
         )
         peer = last_json(peer_out)
         ours_wall, ours_rss, _ = run(
-            [py, str(ROOT / "train.py"), "--train", args.train_csv, "--test", args.test_csv,
+            [py, str(ROOT / "train.py"), "--train", args.train, "--test", args.test,
              "--device", args.device, "--quiet", "--out-dir", str(tmp / "out"),
              "--model-dir", str(tmp / "models"), *flags],
             env,
         )  # fmt: skip
         ours = json.loads((tmp / "out" / "metrics.json").read_text())
         fresh_cache = {**env, "MNIST_CACHE_DIR": str(tmp / "cache2")}
-        loads = last_json(run([py, "-c", LOADS, str(ROOT), str(PEER.parent), args.train_csv,
-                               args.test_csv], fresh_cache)[2])  # fmt: skip
+        loads = last_json(run([py, "-c", LOADS, str(ROOT), str(PEER.parent), args.train,
+                               args.test], fresh_cache)[2])  # fmt: skip
         inference = last_json(run([py, "-c", INFERENCE, str(ROOT), str(PEER.parent),
-                                   args.test_csv, str(tmp / "models" / "best.pt"),
+                                   args.test, str(tmp / "models" / "best.pt"),
                                    args.device], env)[2])  # fmt: skip
     peer_ips = peer["train_rows"] / statistics.mean(peer["epoch_s"])
     met = ours["test_acc"] >= peer["test_acc"]
@@ -144,7 +147,7 @@ def main() -> None:
     ]  # fmt: skip
     print(f"machine: {machine()}; project device {args.device}, the peer as written (CPU)")
     print(
-        f"files: {Path(args.train_csv).name}, {Path(args.test_csv).name}; peer: {args.epochs} "
+        f"files: {Path(args.train).name}, {Path(args.test).name}; peer: {args.epochs} "
         f"epochs; project: train.py {' '.join(flags)}"
     )
     print("\n| measure | peer | project | project vs peer |\n|---|---|---|---|")

@@ -85,6 +85,8 @@ def test_the_recipe_follows_preset_and_task_and_given_flags_win(tmp_path, write_
         for name in runs
     }
     recipe = ("arch", "epochs", "batch_size", "lr", "augment")
+    unset = train.with_recipe(train.parse_args([]), dataset.DIGIT_CLASSES)
+    assert [unset[k] for k in recipe] == ["strong", 15, 128, 3e-3, True]
     assert [config["digits"][k] for k in recipe] == ["strong", 1, 128, 3e-3, True]
     assert [config["fashion"][k] for k in recipe] == ["wide", 1, 128, 3e-3, True]
     assert [config["fast"][k] for k in recipe] == ["basic_bn", 6, 256, 2e-3, False]
