@@ -207,13 +207,15 @@ def prediction_grid(
     return _save(fig, path)
 
 
-def per_class_errors(errors: list[int], support: list[int], class_names, path: Path) -> Path:
-    """Error rate of each true class, with its error count over its support."""
+def per_class_errors(
+    errors: list[int], support: list[int], class_names, worst: list[str], path: Path
+) -> Path:
+    """Error rate of each true class, with its error count over its support; the `worst`
+    classes (the report's most misclassified) in red."""
     errors, support = np.array(errors), np.array(support)
     rates = np.divide(100 * errors, support, out=np.zeros(len(errors)), where=support > 0)
     fig, ax = plt.subplots(figsize=(8, 4))
-    worst = np.argsort(rates)[::-1][:3]
-    colors = [MISTAKE if i in worst and rates[i] > 0 else BAR for i in range(len(rates))]
+    colors = [MISTAKE if name in worst else BAR for name in class_names]
     texts = [f"{r:.1f}%\n{e}/{n}" for r, e, n in zip(rates, errors, support, strict=True)]
     _class_bars(ax, rates, texts, class_names, colors)
     ax.set(xlabel="true class", ylabel="error rate (%)")

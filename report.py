@@ -124,6 +124,7 @@ def write(out_dir: Path, metrics: dict, images, labels, probs, context: dict) ->
         [c["errors"] for c in metrics["per_class"].values()],
         [c["support"] for c in metrics["per_class"].values()],
         names,
+        metrics["most_misclassified"],
         out_dir / "per_class_errors.png",
     )
     draw_predictions(images, probs, labels, names, context["input"],
