@@ -133,8 +133,9 @@ def exploration_figures(data, augment, out_dir: Path) -> list[Path]:
     return written
 
 
-def training_curves(history: list[dict], path: Path) -> Path:
-    """Loss and accuracy per epoch, training against validation."""
+def training_curves(history: list[dict], path: Path, training_batches: str) -> Path:
+    """Loss and accuracy per epoch, training against validation; `training_batches` says how the
+    training metrics were measured."""
     epochs = [h["epoch"] for h in history]
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for key, label, style in (("train", "training", "o-"), ("val", "validation", "s-")):
@@ -156,9 +157,7 @@ def training_curves(history: list[dict], path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend()
         ax.spines[["top", "right"]].set_visible(False)
-    fig.suptitle(
-        "Training curves (training metrics: augmented batches, dropout on, label-smoothed loss)"
-    )
+    fig.suptitle(f"Training curves (training metrics: {training_batches})")
     return _save(fig, path)
 
 

@@ -369,7 +369,11 @@ def train(cfg: dict, resume: dict | None = None) -> dict:
     if not cfg["no_plots"]:
         import plots
 
-        plots.training_curves(history, out_dir / "training_curves.png")
+        measured = ["augmented batches"] if policy else []
+        measured.append("dropout on")
+        if cfg["label_smoothing"]:
+            measured.append("label-smoothed loss")
+        plots.training_curves(history, out_dir / "training_curves.png", ", ".join(measured))
     print(
         f"best validation accuracy {summary['best_val_acc']:.2%} at epoch {summary['best_epoch']} "
         f"-> {model_dir / 'best.pt'}; {summary['train_images_per_s']:,} training images/s"

@@ -67,7 +67,17 @@ def test_an_ensemble_trains_differently_seeded_members(tmp_path, capsys):
     assert f"--checkpoint {tmp_path}/models/seed5/best.pt {tmp_path}/models/seed6/best.pt" in out
 
 
-def test_the_recipe_follows_preset_and_task_and_given_flags_win(tmp_path, write_csv):
+def test_the_recipe_follows_preset_and_task_and_given_flags_win(tmp_path, write_csv, monkeypatch):
+    import plots
+
+    curve_titles = []
+    draw_curves = plots.training_curves
+
+    def recording_curves(history, path, training_batches):
+        curve_titles.append(training_batches)
+        return draw_curves(history, path, training_batches)
+
+    monkeypatch.setattr(plots, "training_curves", recording_curves)
     fashion = write_csv("fashion.csv", make_table(200), "fashion-mnist")
     runs = {
         "digits": quick_args(tmp_path / "digits", "--epochs", "1", "--max-rows", "300"),
@@ -94,6 +104,7 @@ def test_the_recipe_follows_preset_and_task_and_given_flags_win(tmp_path, write_
     assert len(history) == 1 + 6
     figures = {path.name for path in (tmp_path / "fast" / "out").glob("*.png")}
     assert figures == {"sample_images.png", "class_distribution.png", "training_curves.png"}
+    assert curve_titles == ["dropout on, label-smoothed loss"]  # no augmented batches to claim
 
 
 def _history_without_timing(path) -> list[list[str]]:
