@@ -3,10 +3,13 @@ checkpoints that are data, never code."""
 
 from __future__ import annotations
 
+import os
 import platform
+import re
+import sys
 import warnings
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,23 +151,71 @@ def build(arch: str, **kwargs) -> nn.Module:
 
 # ---------------------------------------------------------------- device and precision
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISION_ENV = "MNIST_PRECISION"  # the default of --precision, for CI and shells that want fp32
+PRECISION_HELP = (
+    "auto: bf16 on a CPU or GPU that computes it natively, fp16 with loss scaling on older GPUs, "
+    f"else fp32 (${PRECISION_ENV} sets the default)"
+)
+
+
+def default_precision() -> str:
+    """--precision's default: $MNIST_PRECISION when set, else auto."""
+    name = os.environ.get(PRECISION_ENV, "auto")
+    if name not in PRECISIONS:
+        raise UserError(f"${PRECISION_ENV} {name}: not a precision (set one of {PRECISIONS})")
+    return name
+
+
+def cuda_unsupported_reason(index: int = 0) -> str | None:
+    """Why this torch build cannot run CUDA device `index` (its compute capability has no kernels
+    in `torch.cuda.get_arch_list()`, as a P100 under Kaggle's torch), or None when it can."""
+    archs = torch.cuda.get_arch_list()
+    if torch.version.cuda is None or not archs:
+        return None  # ROCm, or a build that does not say: trust it
+    major, minor = torch.cuda.get_device_capability(index)
+    for arch in archs:
+        code = re.fullmatch(r"(sm|compute)_(\d+)(\d)[a-z]?", arch)
+        if code is None:
+            continue
+        built = (int(code[2]), int(code[3]))
+        if code[1] == "sm" and built[0] == major and built[1] <= minor:
+            return None  # binary compatible within a major version
+        if code[1] == "compute" and built <= (major, minor):
+            return None  # PTX compiles for newer GPUs
+    return (
+        f"{torch.cuda.get_device_name(index)} (sm_{major}{minor}) is not supported by this "
+        f"torch {torch.__version__} build (it has kernels for {' '.join(archs)})"
+    )
+
 
 def pick_device(name: str | None = None) -> torch.device:
-    """CUDA, then Apple MPS, then CPU; `name` forces one."""
+    """CUDA (when this torch build has kernels for the GPU), then Apple MPS, then CPU; `name`
+    forces one."""
     if name:
+        kind = name.split(":")[0]
+        if kind not in ("cpu", "cuda", "mps"):
+            raise UserError(f"--device {name}: unknown device (choose cpu, cuda or mps)")
         available = {
             "cpu": True,
             "cuda": torch.cuda.is_available(),
             "mps": torch.backends.mps.is_available(),
         }
-        kind = name.split(":")[0]
-        if kind not in available:
-            raise UserError(f"--device {name}: unknown device (choose cpu, cuda or mps)")
         if not available[kind]:
             raise UserError(f"--device {name}: not available on this machine (try --device cpu)")
+        reason = cuda_unsupported_reason(torch.device(name).index or 0) if kind == "cuda" else None
+        if reason:
+            raise UserError(f"--device {name}: {reason} (use --device cpu or another GPU)")
         return torch.device(name)
     if torch.cuda.is_available():
-        return torch.device("cuda")
+        reason = cuda_unsupported_reason()
+        if reason is None:
+            return torch.device("cuda")
+        print(
+            f"note: not using the GPU: {reason}; running on the CPU (on Kaggle, pick the "
+            'T4 x2 accelerator: "machine_shape": "NvidiaTeslaT4")',
+            file=sys.stderr,
+        )
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
@@ -195,6 +246,20 @@ def keep_freed_memory() -> None:
     libc.mallopt(m_trim_threshold, 1 << 30)
 
 
+@contextmanager
+def deterministic_algorithms(on: bool) -> Iterator[None]:
+    """Only deterministic algorithms inside the block when `on` (CUDA's cuBLAS also needs its
+    workspace setting); the previous setting afterwards."""
+    before = torch.are_deterministic_algorithms_enabled()
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
 @dataclass(frozen=True)
 class Precision:
     """How to run a device: autocast dtype (None: fp32), loss scaling, memory format."""
@@ -222,16 +287,21 @@ class Precision:
         )
 
 
-def precision_for(device: torch.device) -> Precision:
-    """CUDA: bf16 where supported, else fp16 with a grad scaler; CPU: bf16 only with hardware
-    support (measured 1.6-1.9x faster here), channels_last (measured faster here); MPS: fp32."""
-    if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return Precision(torch.bfloat16, False, True)
-        return Precision(torch.float16, True, True)
-    if device.type == "cpu":
-        return Precision(torch.bfloat16 if cpu_has_native_bf16() else None, False, True)
-    return Precision(None, False, False)
+def precision_for(device: torch.device, name: str = "auto") -> Precision:
+    """How to run `device` for --precision `name`. auto: on CUDA bf16 where the GPU computes it
+    natively (compute capability 8.0 and newer), else fp16 with a grad scaler (a T4); on CPU bf16
+    only with hardware support (measured 1.6-1.9x faster here; emulated, 12x slower), else fp32;
+    fp32 on MPS. channels_last on CPU and CUDA (measured faster here)."""
+    if name == "auto":
+        if device.type == "cuda":
+            native_bf16 = torch.cuda.get_device_capability(device) >= (8, 0)
+            name = "bf16" if native_bf16 else "fp16"
+        elif device.type == "cpu":
+            name = "bf16" if cpu_has_native_bf16() else "fp32"
+        else:
+            name = "fp32"
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    return Precision(dtype, grad_scaler=name == "fp16", channels_last=device.type != "mps")
 
 
 # ---------------------------------------------------------------- checkpoints

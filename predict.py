@@ -58,6 +58,12 @@ def parse_args(argv: list[str] | None) -> dict:
     p.add_argument("--no-report", action="store_true", help="write the submission only")
     p.add_argument("--batch-size", type=int, default=1024, help="images per forward pass")
     p.add_argument("--device", help="cpu, cuda or mps; None: the best available")
+    p.add_argument(
+        "--precision",
+        choices=models.PRECISIONS,
+        default=models.default_precision(),
+        help=models.PRECISION_HELP,
+    )
     args = vars(p.parse_args(argv))
     if args["image"] and args["input"]:
         raise UserError("--image and --input: give one of them")
@@ -75,9 +81,9 @@ class Ensemble:
     """One or more checkpoints on a device, each with its own input normalization; predicts the
     mean of their softmax outputs, optionally over test-time augmented views."""
 
-    def __init__(self, paths: list[str], device: torch.device) -> None:
+    def __init__(self, paths: list[str], device: torch.device, precision: str = "auto") -> None:
         self.device = device
-        self.precision = models.precision_for(device)
+        self.precision = models.precision_for(device, precision)
         self.members, self.checkpoints = [], []
         for path in paths:
             ckpt = models.load_checkpoint(path)
@@ -311,7 +317,7 @@ def main(argv: list[str] | None = None) -> dict | list[dict]:
     device = models.pick_device(args["device"])
     if device.type == "cpu":
         models.keep_freed_memory()
-    ensemble = Ensemble(args["checkpoint"], device)
+    ensemble = Ensemble(args["checkpoint"], device, args["precision"])
     if args["image"]:
         return predict_images(args, ensemble)
     return predict_csv(args, ensemble, t_start)

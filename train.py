@@ -46,11 +46,8 @@ PRESETS = {
 }
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("onecycle", "cosine", "step", "plateau", "none")
-RESUME_OVERRIDES = (
-    "device",
-    "quiet",
-    "no_plots",
-)  # flags a resumed run takes from the command line
+# Flags about how to run on this machine, which a resumed run takes from its command line.
+RESUME_OVERRIDES = ("device", "precision", "deterministic", "quiet", "no_plots")
 
 
 def parse_args(argv: list[str] | None) -> dict:
@@ -95,6 +92,17 @@ def parse_args(argv: list[str] | None) -> dict:
         "averages them: --checkpoint MODEL_DIR/seed*/best.pt)",
     )
     p.add_argument("--device", help="cpu, cuda or mps; None: the best available")
+    p.add_argument(
+        "--precision",
+        choices=models.PRECISIONS,
+        default=models.default_precision(),
+        help=models.PRECISION_HELP,
+    )
+    p.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="deterministic algorithms only (torch.use_deterministic_algorithms)",
+    )
     work = dataset.working_root()
     p.add_argument("--out-dir", default=str(work / "outputs"), help="figures, history, metrics")
     p.add_argument("--model-dir", default=str(work / "models"), help="checkpoints")
@@ -181,14 +189,17 @@ def train_epoch(net, batches, opt, sched, per_batch, scaler, precision, device, 
             logits = net(xb)
         loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg["label_smoothing"])
         opt.zero_grad(set_to_none=True)
+        stepped = True
         if scaler is not None:
+            scale = scaler.get_scale()
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
+            stepped = scaler.get_scale() >= scale  # a lowered scale: overflow, step skipped
         else:
             loss.backward()
             opt.step()
-        if per_batch:
+        if per_batch and stepped:
             sched.step()
         loss_sum += loss.detach() * len(yb)
         correct += (logits.argmax(1) == yb).sum()
@@ -247,7 +258,7 @@ def train(cfg: dict, resume: dict | None = None) -> dict:
     device = models.pick_device(cfg["device"])
     if device.type == "cpu":
         models.keep_freed_memory()
-    precision = models.precision_for(device)
+    precision = models.precision_for(device, cfg["precision"])
     split = load_split(cfg)
     data = split["data"]
     cfg = with_recipe(cfg, data.class_names)
@@ -404,6 +415,12 @@ def train_ensemble(cfg: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_args(argv)
+    with models.deterministic_algorithms(cfg["deterministic"]):
+        return run(cfg)
+
+
+def run(cfg: dict) -> dict:
+    """A new run, an ensemble, or the continuation of `--resume`."""
     if cfg["resume"] is None:
         return train(cfg) if cfg["ensemble"] == 1 else train_ensemble(cfg)
     ckpt = models.load_checkpoint(cfg["resume"])

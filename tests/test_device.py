@@ -1,0 +1,141 @@
+"""Device and precision choice, with the CUDA queries faked: a GPU that this torch build has no
+kernels for (a P100 under Kaggle's torch) falls back to the CPU with one line, each GPU and CPU
+gets its precision, and $MNIST_PRECISION sets --precision's default."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT
+
+import dataset
+import model as models
+import predict
+import train
+
+# torch.cuda.get_arch_list() of Kaggle's torch 2.10.0+cu128 (Kaggle/docker-python#1546)
+KAGGLE_ARCHS = ["sm_70", "sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]
+P100 = ((6, 0), "Tesla P100-PCIE-16GB")
+T4 = ((7, 5), "Tesla T4")
+A100 = ((8, 0), "NVIDIA A100-SXM4-40GB")
+
+FAKE_P100 = f"""
+import sys
+from unittest import mock
+sys.path.insert(0, {str(ROOT)!r})
+import torch, model
+with mock.patch("torch.cuda.is_available", return_value=True), \\
+     mock.patch("torch.cuda.get_device_capability", return_value={P100[0]!r}), \\
+     mock.patch("torch.cuda.get_device_name", return_value={P100[1]!r}), \\
+     mock.patch("torch.cuda.get_arch_list", return_value={KAGGLE_ARCHS!r}), \\
+     mock.patch("torch.version.cuda", "12.8"):
+    print(model.pick_device())
+"""
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """fake_gpu(capability, name, archs): torch.cuda answers as if that GPU were present."""
+
+    def install(capability, name, archs=KAGGLE_ARCHS) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+        monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: list(archs))
+        monkeypatch.setattr(torch.version, "cuda", "12.8")
+
+    return install
+
+
+def test_a_gpu_without_kernels_in_this_build_falls_back_to_the_cpu_with_one_line(fake_gpu, capsys):
+    fake_gpu(*P100)
+    assert models.pick_device() == torch.device("cpu")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("note: not using the GPU: Tesla P100")
+    assert "(sm_60) is not supported" in err and "sm_70 sm_75" in err and "NvidiaTeslaT4" in err
+    with pytest.raises(dataset.UserError, match=r"--device cuda: Tesla P100-PCIE-16GB \(sm_60\)"):
+        models.pick_device("cuda")
+
+
+def test_forcing_a_missing_device_is_a_user_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(dataset.UserError, match="--device cuda: not available"):
+        models.pick_device("cuda")
+
+
+def test_python_c_with_faked_cuda_queries_shows_the_fallback_line():
+    done = subprocess.run(
+        [sys.executable, "-c", FAKE_P100], capture_output=True, text=True, check=True
+    )
+    assert done.stdout == "cpu\n"
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("note: not using the GPU: Tesla P100-PCIE-16GB (sm_60) is not")
+
+
+@pytest.mark.parametrize(
+    ("gpu", "dtype", "grad_scaler"),
+    [(T4, torch.float16, True), (A100, torch.bfloat16, False)],
+)
+def test_a_supported_gpu_is_used_in_the_precision_it_computes_natively(
+    fake_gpu, capsys, gpu, dtype, grad_scaler
+):
+    fake_gpu(*gpu)
+    device = models.pick_device()
+    assert device == torch.device("cuda") and capsys.readouterr().err == ""
+    precision = models.precision_for(device)
+    assert (precision.dtype, precision.grad_scaler, precision.channels_last) == (
+        dtype,
+        grad_scaler,
+        True,
+    )
+    assert models.precision_for(device, "fp32").dtype is None
+
+
+@pytest.mark.parametrize(
+    ("capability", "archs", "usable"),
+    [
+        ((8, 6), ["sm_80"], True),  # binary compatible within a major version
+        ((8, 0), ["sm_86"], False),  # but not with a newer minor version
+        ((9, 0), ["sm_80"], False),
+        ((9, 0), ["sm_80", "compute_80"], True),  # PTX compiles for newer GPUs
+        ((12, 0), ["sm_90", "sm_120"], True),
+        ((9, 0), ["sm_90a"], True),
+    ],
+)
+def test_compute_capability_against_the_builds_arch_list(fake_gpu, capability, archs, usable):
+    fake_gpu(capability, "GPU", archs)
+    assert (models.cuda_unsupported_reason() is None) == usable
+
+
+@pytest.mark.parametrize(
+    ("native_bf16", "name", "dtype"),
+    [
+        (True, "auto", torch.bfloat16),
+        (False, "auto", None),
+        (True, "fp32", None),
+        (False, "bf16", torch.bfloat16),
+        (False, "fp16", torch.float16),
+    ],
+)
+def test_cpu_precision(monkeypatch, native_bf16, name, dtype):
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: native_bf16)
+    precision = models.precision_for(torch.device("cpu"), name)
+    assert precision.dtype == dtype and precision.grad_scaler == (name == "fp16")
+
+
+def test_the_precision_variable_sets_the_default_of_both_clis(monkeypatch, capsys):
+    monkeypatch.delenv(models.PRECISION_ENV, raising=False)
+    assert train.parse_args([])["precision"] == predict.parse_args([])["precision"] == "auto"
+    monkeypatch.setenv(models.PRECISION_ENV, "fp32")
+    assert train.parse_args([])["precision"] == predict.parse_args([])["precision"] == "fp32"
+    assert train.parse_args(["--precision", "bf16"])["precision"] == "bf16"  # the flag wins
+    monkeypatch.setenv(models.PRECISION_ENV, "fp8")
+    for cli in (train.main, predict.main):
+        with pytest.raises(SystemExit) as exit_info:
+            dataset.run_cli(cli, [])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: $MNIST_PRECISION fp8: not a")
