@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 import dataset
 import model as models
+import report
 from atomic import atomic_write
 from dataset import CLIParser, UserError
 
@@ -105,6 +106,21 @@ class Ensemble:
             f"{path} ({c['arch']}, epoch {c.get('epoch', '?')})"
             for path, c in zip(self.paths, self.checkpoints, strict=True)
         )
+
+    def seen_in_training(self, images: np.ndarray) -> dict | None:
+        """The leak guard: how many of `images` a member trained on or validated on, matched by
+        pixel hashes; None when a checkpoint predates the fingerprint."""
+        if any("seen_rows" not in c for c in self.checkpoints):
+            return None
+        hashes = dataset.row_hashes(images).view(np.int64)
+
+        def among(split: str) -> np.ndarray:
+            fingerprints = [c["seen_rows"][split].numpy() for c in self.checkpoints]
+            return np.logical_or.reduce([np.isin(hashes, f) for f in fingerprints])
+
+        trained = among("train")
+        seen = trained | among("val")
+        return {"rows": len(images), "seen": int(seen.sum()), "trained_on": int(trained.sum())}
 
     def predict_proba(self, images: np.ndarray, tta: bool = False, batch_size: int = 1024):
         """Class probabilities [N, classes] (float32) for uint8 images [N, 28, 28]."""
@@ -259,7 +275,8 @@ def predict_images(args: dict, ensemble: Ensemble) -> list[dict]:
 
 
 def predict_csv(args: dict, ensemble: Ensemble, t_start: float) -> dict:
-    """Write the submission; evaluate and report when the input is labelled."""
+    """Write the submission and the report: the evaluation when the input is labelled, the
+    predictions alone when not."""
     source = args["input"] or dataset.find_data("test")
     data = dataset.load_csv(source)
     names = ensemble.class_names
@@ -274,24 +291,19 @@ def predict_csv(args: dict, ensemble: Ensemble, t_start: float) -> dict:
     write_submission(output, data.ids, probs, args["probabilities"])
     seconds = time.perf_counter() - t_start
     print(f"wrote {output}: {len(data):,} rows (ImageId,Label) from {data.source}")
-    summary = {"submission": str(output), "rows": len(data), "seconds": round(seconds, 2)}
+    summary = {
+        "submission": str(output),
+        "rows": len(data),
+        "seconds": round(seconds, 2),
+        "seen_in_training": warn_of_seen_rows(ensemble, data),
+    }
     if data.labels is not None:
         summary["accuracy"] = float((probs.argmax(1) == data.labels).mean())
     if args["no_report"]:
         if data.labels is not None:
             print(f"accuracy {summary['accuracy']:.2%} on {len(data):,} labelled rows")
         return summary
-    import report
-
     out_dir = Path(args["report_dir"])
-    if data.labels is None:
-        grid = report.draw_predictions(
-            data.images, probs, None, names, data.source, out_dir / "sample_predictions.png"
-        )
-        print(f"wrote {grid} (unlabelled input: predictions only)")
-        return summary
-    metrics = report.evaluate(data.labels, probs, names)
-    report.print_summary(metrics)
     context = {
         "input": data.source,
         "checkpoints": ensemble.paths,
@@ -301,14 +313,34 @@ def predict_csv(args: dict, ensemble: Ensemble, t_start: float) -> dict:
         ],
         "tta": args["tta"],
         "submission": str(output),
-        "predict_seconds": round(seconds, 2),
+        "seen_in_training": summary["seen_in_training"],
+        "predict_seconds": summary["seconds"],
         "versions": models.library_versions(),
         "footer": f"predict.py on {ensemble.device.type} ({ensemble.precision.describe()}), "
         f"torch {torch.__version__}; {ensemble.describe()}",
     }
+    if data.labels is None:
+        grid = report.write_unlabelled(out_dir, data.images, probs, names, context)
+        print(f"wrote {grid} and metrics.json beside it (unlabelled input: predictions only)")
+        return summary
+    metrics = report.evaluate(data.labels, probs, names)
+    report.print_summary(metrics)
     page = report.write(out_dir, metrics, data.images, data.labels, probs, context)
     print(f"report: {page} (figures, metrics.json and classification_report.txt beside it)")
     return {**summary, "report": str(page)}
+
+
+def warn_of_seen_rows(ensemble: Ensemble, data: dataset.CSVData) -> dict | None:
+    """The leak guard: one warning line when the input holds images the model learned from (as
+    Digit Recognizer's test.csv does for a model trained on oddrationale/mnist-in-csv)."""
+    seen = ensemble.seen_in_training(data.images)
+    if seen and seen["seen"]:
+        print(
+            f"warning: {data.source}: {report.describe_seen(seen)}; predictions for them do not "
+            "measure accuracy on new digits",
+            file=sys.stderr,
+        )
+    return seen
 
 
 def main(argv: list[str] | None = None) -> dict | list[dict]:

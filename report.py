@@ -111,6 +111,29 @@ def draw_predictions(images, probs, labels, names, source: str, path: Path) -> P
     return plots.prediction_grid(images[rows], captions, wrong, title, path)
 
 
+def describe_seen(seen: dict | None) -> str:
+    """The leak guard's count in words (`seen` as `predict.Ensemble.seen_in_training` gives it)."""
+    if seen is None:
+        return "unknown: the checkpoint predates the fingerprint of its training rows"
+    return (
+        f"{seen['seen']:,} of {seen['rows']:,} rows ({seen['seen'] / seen['rows']:.1%}) are "
+        f"images the model learned from ({seen['trained_on']:,} trained on, "
+        f"{seen['seen'] - seen['trained_on']:,} in its validation split)"
+    )
+
+
+def write_unlabelled(out_dir: Path, images, probs, names, context: dict) -> Path:
+    """For input without labels: the sample predictions figure, and metrics.json with the
+    predicted class counts and the leak guard's count. Returns the figure's path."""
+    grid = draw_predictions(
+        images, probs, None, names, context["input"], out_dir / "sample_predictions.png"
+    )
+    counts = np.bincount(probs.argmax(1), minlength=len(names)).tolist()
+    predicted = dict(zip(names, counts, strict=True))
+    write_json(out_dir / "metrics.json", {**context, "rows": len(images), "predicted": predicted})
+    return grid
+
+
 def write(out_dir: Path, metrics: dict, images, labels, probs, context: dict) -> Path:
     """Figures, metrics.json, classification_report.txt and report.html into `out_dir`."""
     import plots
@@ -179,6 +202,15 @@ def _figure(path: Path, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
+def _seen_warning(seen: dict | None) -> str:
+    if not seen or not seen["seen"]:
+        return ""
+    return (
+        f"<p class=bad>{html.escape(describe_seen(seen))}: the accuracy overstates how the model "
+        "does on new digits.</p>"
+    )
+
+
 def render_html(metrics: dict, context: dict, fig_dir: Path) -> str:
     """One page with the figures embedded, so that the file alone tells the whole story."""
     pc = metrics["per_class"]
@@ -202,6 +234,7 @@ def render_html(metrics: dict, context: dict, fig_dir: Path) -> str:
         ["checkpoints", ", ".join(context["checkpoints"])],
         ["test-time augmentation", "on" if context["tta"] else "off"],
         ["submission", context.get("submission") or "none"],
+        ["leak guard", describe_seen(context["seen_in_training"])],
         ["log loss", f"{metrics['log_loss']:.4f}"],
         ["macro F1", f"{metrics['macro_avg']['f1']:.4f}"],
     ]
@@ -213,6 +246,7 @@ def render_html(metrics: dict, context: dict, fig_dir: Path) -> str:
         f"<p><span class=big>{metrics['accuracy']:.2%}</span> accuracy: "
         f"{metrics['rows'] - metrics['errors']:,} of {metrics['rows']:,} right, "
         f"{metrics['errors']:,} wrong.</p>",
+        _seen_warning(context["seen_in_training"]),
         _table(None, summary),
     ]
     if "confusion_matrix.png" in figures:

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -242,6 +243,15 @@ def rng_states(device: torch.device, batches: dataset.DeviceBatches) -> dict:
     return states
 
 
+def seen_rows(split: dict) -> dict[str, torch.Tensor]:
+    """The leak guard's fingerprint of the rows a run learns from: the pixel hashes of its
+    training and validation rows (8 bytes a row), which predict.py compares its input against."""
+    return {
+        name: torch.from_numpy(np.unique(dataset.row_hashes(split[name][0])).view(np.int64))
+        for name in ("train", "val")
+    }
+
+
 def write_history(path: Path, history: list[dict]) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(history[0]))
@@ -314,6 +324,7 @@ def train(cfg: dict, resume: dict | None = None) -> dict:
         "mean": mean,
         "std": std,
         "class_names": list(data.class_names),
+        "seen_rows": seen_rows(split),
         "config": cfg,
         "versions": models.library_versions(),
     }

@@ -1,5 +1,7 @@
-"""predict.py: the submission, ensembles and TTA, the evaluation report, your own images, and bad
-input refused with one line, exit code 2 and nothing half-written."""
+"""predict.py: the submission, ensembles and TTA, the evaluation report, the leak guard, your own
+images, and bad input refused with one line, exit code 2 and nothing half-written. Models train
+and predict on the CPU in $MNIST_PRECISION's precision; results are compared with margins that no
+precision or CPU crosses."""
 
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ import model as models
 import predict
 import train
 
+pytestmark = pytest.mark.numerics
+SAMPLE_TRAIN = str(dataset.SAMPLE_DIR / "mnist_train.csv.gz")
 SAMPLE_TEST = str(dataset.SAMPLE_DIR / "mnist_test.csv.gz")
 
 
@@ -32,8 +36,9 @@ def checkpoints(tmp_path_factory) -> list[str]:
         for seed in (0, 1):
             out = root / f"seed{seed}"
             train.main([
-                "--train", str(dataset.SAMPLE_DIR / "mnist_train.csv.gz"), "--arch", "basic",
-                "--epochs", "4", "--seed", str(seed), "--no-plots", "--quiet",
+                "--train", SAMPLE_TRAIN, "--arch", "basic",
+                "--epochs", "4", "--seed", str(seed), "--no-plots", "--quiet", "--device", "cpu",
+                "--deterministic",
                 "--model-dir", str(out), "--out-dir", str(out),
             ])  # fmt: skip
             paths.append(str(out / "best.pt"))
@@ -46,9 +51,10 @@ def read_rows(path) -> list[dict]:
 
 
 def run(tmp_path, *args: str) -> dict:
-    return predict.main(
-        ["--output", str(tmp_path / "sub.csv"), "--report-dir", str(tmp_path / "report"), *args]
-    )
+    return predict.main([
+        "--output", str(tmp_path / "sub.csv"), "--report-dir", str(tmp_path / "report"),
+        "--device", "cpu", *args,
+    ])  # fmt: skip
 
 
 def fp32_probs(checkpoint: str, images: np.ndarray) -> np.ndarray:
@@ -69,9 +75,9 @@ def test_submission_is_kaggles_format_in_input_order(tmp_path, checkpoints):
     test = dataset.load_csv(SAMPLE_TEST)
     labels = np.array([int(r["Label"]) for r in rows])
     reference = fp32_probs(checkpoints[0], test.images).argmax(1)
-    assert (labels == reference).mean() > 0.99  # predict.py runs bf16 where the CPU has it
+    assert (labels == reference).mean() > 0.98  # predict.py runs bf16 where the CPU has it
     assert summary["accuracy"] == pytest.approx((labels == test.labels).mean())
-    assert summary["accuracy"] > 0.9  # observed 95-96% after 4 epochs on 3,600 digits
+    assert summary["accuracy"] > 0.8  # observed 95-96% after 4 epochs on 3,600 digits
     assert not (tmp_path / "report").exists()
 
 
@@ -168,7 +174,51 @@ def test_unlabelled_input_is_only_predicted(tmp_path, checkpoints, write_csv):
     assert "accuracy" not in summary
     assert len(read_rows(tmp_path / "sub.csv")) == 50
     assert (tmp_path / "report" / "sample_predictions.png").is_file()
-    assert not (tmp_path / "report" / "metrics.json").exists()
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert "accuracy" not in metrics and sum(metrics["predicted"].values()) == 50
+    assert not (tmp_path / "report" / "report.html").exists()
+
+
+# ---------------------------------------------------------------- the leak guard
+
+
+def test_the_leak_guard_reports_rows_the_model_learned_from(
+    tmp_path, checkpoints, write_csv, capsys
+):
+    """A Digit Recognizer style test.csv holding 300 rows the models trained or validated on and
+    200 they never saw, predicted by one model and by an ensemble of two."""
+    learned = dataset.load_csv(SAMPLE_TRAIN).images[:300]
+    images = np.concatenate([learned, dataset.load_csv(SAMPLE_TEST).images[:200]])
+    source = write_csv("test.csv", images.reshape(-1, 784), "digit-recognizer-test")
+    fingerprint = models.load_checkpoint(checkpoints[0])["seen_rows"]["train"].numpy()
+    trained_on = int(np.isin(dataset.row_hashes(learned).view(np.int64), fingerprint).sum())
+    assert 200 < trained_on < 300  # the rest were in the model's validation split
+    for members in (checkpoints[:1], checkpoints):
+        summary = run(tmp_path, "--checkpoint", *members, "--input", str(source))
+        warnings = [line for line in capsys.readouterr().err.splitlines() if "learned" in line]
+        assert len(warnings) == 1 and f"{source}: 300 of 500 rows (60.0%)" in warnings[0]
+        seen = summary["seen_in_training"]
+        assert seen["rows"] == 500 and seen["seen"] == 300
+        assert seen["trained_on"] == trained_on if len(members) == 1 else seen["trained_on"] > 270
+        metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+        assert metrics["seen_in_training"] == seen and sum(metrics["predicted"].values()) == 500
+
+
+def test_the_leak_guard_finds_nothing_in_rows_the_model_never_saw(tmp_path, checkpoints, capsys):
+    summary = run(tmp_path, "--checkpoint", *checkpoints, "--input", SAMPLE_TEST)
+    assert summary["seen_in_training"] == {"rows": 1000, "seen": 0, "trained_on": 0}
+    assert "warning" not in capsys.readouterr().err
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert metrics["seen_in_training"]["seen"] == 0
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert "0 of 1,000 rows (0.0%) are images" in page and "overstates" not in page
+
+
+def test_the_report_warns_when_labelled_input_was_learned_from(tmp_path, checkpoints):
+    run(tmp_path, "--checkpoint", checkpoints[0], "--input", SAMPLE_TRAIN)
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert "4,000 of 4,000 rows (100.0%) are images the model learned from" in page
+    assert "the accuracy overstates" in page
 
 
 # ---------------------------------------------------------------- your own images
@@ -183,9 +233,13 @@ def render(row: np.ndarray, path, top: int, left: int, scale: int = 5) -> None:
 
 
 def test_rendered_real_digits_get_the_same_prediction_as_their_rows(tmp_path, checkpoints):
+    """Rows the model is sure of (top class ahead of the next by 0.5, far from any tie that
+    another precision or CPU could tip) keep their class when drawn into photo-like files."""
     test = dataset.load_csv(SAMPLE_TEST)
+    ranked = np.sort(fp32_probs(checkpoints[0], test.images), axis=1)
+    sure = np.flatnonzero(ranked[:, -1] - ranked[:, -2] > 0.5)
     rng = np.random.default_rng(0)
-    rows = rng.choice(len(test), 24, replace=False)
+    rows = rng.choice(sure, 24, replace=False)
     paths = []
     for k, i in enumerate(rows):
         path = tmp_path / f"digit{k}.{'png' if k % 2 else 'jpg'}"
