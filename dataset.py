@@ -422,15 +422,26 @@ def working_root() -> Path:
     return Path()
 
 
+def _find_under(root: Path, name: str, depth: int = 4) -> Path | None:
+    """The shallowest file called `name` at most `depth` folders below `root`. Kaggle mounts a
+    dataset at <root>/datasets/<owner>/<slug>/, a competition at <root>/competitions/<slug>/,
+    and in older kernels either at <root>/<slug>/."""
+    for level in range(depth + 1):
+        hits = sorted(root.glob("/".join(["*"] * level + [name])))
+        if hits:
+            return hits[0]
+    return None
+
+
 def find_data(split: str, announce: bool = True) -> str:
     """The CSV for `split` ('train' or 'test'): Kaggle input, then data/, then the sample."""
     names = (f"mnist_{split}.csv", f"mnist_{split}.csv.gz")
     kaggle_root = kaggle_input_root()
     if kaggle_root.is_dir():
         for name in (*names, f"{split}.csv"):
-            hits = sorted(kaggle_root.rglob(name))
-            if hits:
-                return str(hits[0])
+            found = _find_under(kaggle_root, name)
+            if found:
+                return str(found)
     for name in names:
         if (DATA_DIR / name).is_file():
             return str(DATA_DIR / name)

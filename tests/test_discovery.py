@@ -61,13 +61,40 @@ def test_data_dir_csvs_beat_the_sample(project, capsys):
     assert capsys.readouterr().err == ""
 
 
-def test_kaggle_input_beats_data_dir(project, tmp_path, monkeypatch):
+KAGGLE_MOUNTS = {  # where Kaggle puts attached data, and the files it holds there
+    "dataset": ("datasets/oddrationale/mnist-in-csv", ("mnist_train.csv", "mnist_test.csv")),
+    "competition": ("competitions/digit-recognizer", ("train.csv", "test.csv")),
+    "older kernels": ("mnist-in-csv", ("mnist_train.csv", "mnist_test.csv")),
+}
+
+
+def mount(root: Path, layout: str) -> tuple[Path, Path]:
+    """Kaggle's input folder with `layout` attached; the train and test CSVs."""
+    folder, names = KAGGLE_MOUNTS[layout]
+    paths = []
+    for name in names:
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        (root / folder / name).write_text(csv_text(make_table(4), HEADER))
+        paths.append(root / folder / name)
+    (root / folder / "sample_submission.csv").write_text("ImageId,Label\n1,0\n")
+    return paths[0], paths[1]
+
+
+@pytest.mark.parametrize("layout", KAGGLE_MOUNTS)
+def test_every_kaggle_input_layout_is_found_before_data_dir(project, tmp_path, monkeypatch, layout):
     (project / "mnist_train.csv").write_text(csv_text(make_table(3), HEADER))
-    kaggle = tmp_path / "kaggle" / "input" / "mnist-in-csv"
-    kaggle.mkdir(parents=True)
-    (kaggle / "mnist_train.csv").write_text(csv_text(make_table(4), HEADER))
-    monkeypatch.setenv("KAGGLE_INPUT_ROOT", str(tmp_path / "kaggle" / "input"))
-    assert dataset.find_data("train") == str(kaggle / "mnist_train.csv")
+    root = tmp_path / "kaggle" / "input"
+    train, test = mount(root, layout)
+    monkeypatch.setenv("KAGGLE_INPUT_ROOT", str(root))
+    assert (dataset.find_data("train"), dataset.find_data("test")) == (str(train), str(test))
+
+
+def test_with_a_dataset_and_the_competition_attached_mnist_in_csv_wins(tmp_path, monkeypatch):
+    root = tmp_path / "kaggle" / "input"
+    mount(root, "competition")
+    train, test = mount(root, "dataset")
+    monkeypatch.setenv("KAGGLE_INPUT_ROOT", str(root))
+    assert (dataset.find_data("train"), dataset.find_data("test")) == (str(train), str(test))
 
 
 class FakeKaggleApi:
