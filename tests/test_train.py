@@ -1,5 +1,7 @@
 """Training: it learns, checkpoints round-trip, a killed run resumes exactly, runs are repeatable,
-and bad settings get one line and exit code 2."""
+every precision trains, and bad settings get one line and exit code 2. Runs pin the CPU and
+deterministic algorithms; the precision is $MNIST_PRECISION's (CI runs these tests under both CPU
+numerics paths)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import ROOT, make_table
@@ -17,13 +20,15 @@ import dataset
 import model as models
 import train
 
+pytestmark = pytest.mark.numerics
+
 SAMPLE_TRAIN = str(dataset.SAMPLE_DIR / "mnist_train.csv.gz")
 SAMPLE_TEST = str(dataset.SAMPLE_DIR / "mnist_test.csv.gz")
 
 
 def quick_args(tmp_path, *extra: str) -> list[str]:
     return [
-        "--train", SAMPLE_TRAIN, "--no-plots", "--quiet",
+        "--train", SAMPLE_TRAIN, "--no-plots", "--quiet", "--device", "cpu", "--deterministic",
         "--model-dir", str(tmp_path / "models"), "--out-dir", str(tmp_path / "out"), *extra,
     ]  # fmt: skip
 
@@ -53,6 +58,27 @@ def test_checkpoint_holds_what_is_needed_to_use_the_model(tmp_path):
     torch.testing.assert_close(net(x), reference.eval()(x))
     last = models.load_checkpoint(tmp_path / "models" / "last.pt")
     assert {"optimizer", "scheduler", "rng", "history"} <= last.keys()
+    # the leak guard's fingerprint: one hash per distinct row the run learned from
+    rows = dataset.load_csv(SAMPLE_TRAIN).images[:300]
+    train_hashes, val_hashes = (ckpt["seen_rows"][k].numpy() for k in ("train", "val"))
+    assert len(train_hashes) == 270 and len(val_hashes) == 30
+    assert set(dataset.row_hashes(rows).view(np.int64)) == {*train_hashes, *val_hashes}
+
+
+@pytest.mark.parametrize(
+    ("precision", "described"),
+    [("fp32", "cpu, fp32,"), ("bf16", "cpu, bfloat16,"), ("fp16", "cpu, float16 + grad scaler,")],
+)
+def test_every_precision_trains_on_the_cpu(tmp_path, capsys, precision, described):
+    args = quick_args(tmp_path, "--epochs", "2", "--max-rows", "320", "--batch-size", "32")
+    train.main([*args, "--arch", "lenet", "--precision", precision])  # fp16 is slow on a CPU
+    assert described in capsys.readouterr().out
+    last = models.load_checkpoint(tmp_path / "models" / "last.pt")
+    assert last["config"]["precision"] == precision
+    assert (last["scaler"] is not None) == (precision == "fp16")  # fp16 scales its loss
+    assert all(w.isfinite().all() for w in last["state_dict"].values() if w.is_floating_point())
+    first, second = last["history"]
+    assert second["train_loss"] < first["train_loss"]
 
 
 def test_an_ensemble_trains_differently_seeded_members(tmp_path, capsys):
@@ -83,7 +109,8 @@ def test_the_recipe_follows_preset_and_task_and_given_flags_win(tmp_path, write_
         "digits": quick_args(tmp_path / "digits", "--epochs", "1", "--max-rows", "300"),
         "fashion": [*quick_args(tmp_path / "fashion", "--epochs", "1"), "--train", str(fashion)],
         "fast": [
-            "--train", SAMPLE_TRAIN, "--quiet", "--model-dir", str(tmp_path / "fast" / "models"),
+            "--train", SAMPLE_TRAIN, "--quiet", "--device", "cpu", "--deterministic",
+            "--model-dir", str(tmp_path / "fast" / "models"),
             "--out-dir", str(tmp_path / "fast" / "out"), "--max-rows", "300",
             "--preset", "fast", "--lr", "2e-3",
         ],
@@ -136,7 +163,10 @@ def test_a_run_killed_after_an_epoch_resumes_to_identical_weights(tmp_path):
     assert killed.returncode == -signal.SIGKILL
     last = tmp_path / "killed" / "models" / "last.pt"
     assert 2 <= models.load_checkpoint(last)["epoch"] < 6, "the kill came after the run finished"
-    resumed = _train_process(tmp_path, "killed", "--resume", str(last), "--quiet", "--no-plots")
+    resumed = _train_process(
+        tmp_path, "killed", "--resume", str(last), "--quiet", "--no-plots", "--device", "cpu",
+        "--deterministic",
+    )  # fmt: skip
     assert resumed.wait() == 0
     whole = _train_process(tmp_path, "whole")
     assert whole.wait() == 0
@@ -190,11 +220,3 @@ def test_resuming_a_best_checkpoint_or_incompatible_weights_is_refused(tmp_path,
             dataset.run_cli(train.main, ["--resume", str(path)])
         assert exit_info.value.code == 2
         assert expected in capsys.readouterr().err
-
-
-@pytest.mark.skipif(
-    torch.cuda.is_available(), reason="checks the message on a machine without CUDA"
-)
-def test_forcing_a_missing_device_is_a_user_error():
-    with pytest.raises(dataset.UserError, match="--device cuda: not available"):
-        models.pick_device("cuda")
