@@ -137,7 +137,7 @@ def run_notebook(working: Path):
     notebook = nbformat.read(KAGGLE_DIR / "mnist-csv-pipeline.ipynb", as_version=4)
     (parameters,) = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]
     parameters.source = (
-        'TRAIN_ARGS = ["--epochs", "2", "--arch", "basic", "--device", "cpu"]\n'
+        'TRAIN_ARGS = ["--epochs", "2", "--arch", "basic", "--device", "cpu", "--deterministic"]\n'
         'PREDICT_ARGS = ["--device", "cpu"]'
     )
     NotebookClient(notebook, timeout=600, kernel_name="python3",
