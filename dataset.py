@@ -1,7 +1,8 @@
 """Kaggle's MNIST CSVs in, validated uint8 digit tensors out.
 
-CSV layouts and fast parsing with line-and-column errors, the parse cache, the `MNISTCSV` Dataset,
-the on-device batch iterator with batched augmentation, finding the data, and the Kaggle download.
+CSV layouts and fast parsing with line-and-column errors, the parse cache, finding the data and the
+Kaggle download, splits and row hashes, the `MNISTCSV` Dataset, the on-device batch iterator with
+batched augmentation, and the exploration command.
 
     python dataset.py explore [CSV]     # rows, class counts, pixel statistics, figures
     python dataset.py download          # oddrationale/mnist-in-csv into data/
@@ -9,7 +10,6 @@ the on-device batch iterator with batched augmentation, finding the data, and th
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import hashlib
 import io
@@ -19,7 +19,7 @@ import re
 import sys
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from atomic import atomic_write
+from cli import CLIParser, UserError, first_line, run_cli, working_root
 
 ROOT = Path(__file__).resolve().parent
 DATA_DIR = ROOT / "data"
@@ -80,37 +81,6 @@ PARSER_VERSION = 1  # bump when parsing changes, so that old cache entries are i
 CHUNK_BYTES = 1 << 20
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 _NEWLINE, _COMMA, _ZERO, _NINE = 10, 44, 48, 57
-
-
-class UserError(Exception):
-    """Bad input or a bad flag: a CLI prints it as one `error:` line and exits with code 2."""
-
-
-class CLIParser(argparse.ArgumentParser):
-    """argparse with every default in --help and bad flags reported as one UserError line."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message: str):
-        raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
-
-
-def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:
-    """Run a CLI entry point, turning a UserError into one line on stderr and exit code 2."""
-    try:
-        main(argv)
-        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
-    except BrokenPipeError:  # output piped into `head` and the like: stop quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise SystemExit(141) from None
 
 
 @dataclass
@@ -197,10 +167,10 @@ def _is_number(cell: str) -> bool:
     return bool(_NUMBER.fullmatch(cell.strip()))
 
 
-def _detect_layout(first_line: str, where: str) -> tuple[str, int, bool, tuple[str, ...] | None]:
+def _detect_layout(header_line: str, where: str) -> tuple[str, int, bool, tuple[str, ...] | None]:
     """(layout name, column count, labelled, header) from the first line."""
-    cells = [c.strip().strip('"').lower() for c in first_line.split(",")]
-    if all(_is_number(c) for c in cells):
+    cells = [cell.strip().strip('"').lower() for cell in header_line.split(",")]
+    if all(_is_number(cell) for cell in cells):
         if len(cells) == PIXELS + 1:
             return "headerless", len(cells), True, None
         if len(cells) == PIXELS:
@@ -221,14 +191,14 @@ def _detect_layout(first_line: str, where: str) -> tuple[str, int, bool, tuple[s
     return name, len(columns), columns[0] == "label", columns
 
 
-def _parse_chunk_fast(c: np.ndarray, ncols: int, labelled: bool) -> np.ndarray | None:
+def _parse_chunk_fast(chunk: np.ndarray, ncols: int, labelled: bool) -> np.ndarray | None:
     """Rows of plain `d,dd,ddd\\n` cells as uint8 [rows, ncols], or None if anything is unusual."""
-    if c.max() > _NINE:
+    if chunk.max() > _NINE:
         return None
-    seps = np.flatnonzero(c < _ZERO)  # every comma and newline (and anything else unusual)
-    ends = np.flatnonzero(c == _NEWLINE)
+    seps = np.flatnonzero(chunk < _ZERO)  # every comma and newline (and anything else unusual)
+    ends = np.flatnonzero(chunk == _NEWLINE)
     rows = len(ends)
-    if len(seps) != rows * ncols or np.count_nonzero(c == _COMMA) != len(seps) - rows:
+    if len(seps) != rows * ncols or np.count_nonzero(chunk == _COMMA) != len(seps) - rows:
         return None
     if not np.array_equal(seps[ncols - 1 :: ncols], ends):
         return None
@@ -239,9 +209,9 @@ def _parse_chunk_fast(c: np.ndarray, ncols: int, labelled: bool) -> np.ndarray |
         return None
     # Digits at 1, 2 and 3 places before each separator; the masks drop those of the cell before.
     zero = np.uint8(_ZERO)
-    values = (c[seps - 1] - zero).astype(np.uint16)
-    values += (c[seps - 2] - zero) * (width >= 3).astype(np.uint16) * np.uint16(10)
-    values += (c[seps - 3] - zero).astype(np.uint16) * (width == 4) * np.uint16(100)
+    values = (chunk[seps - 1] - zero).astype(np.uint16)
+    values += (chunk[seps - 2] - zero) * (width >= 3).astype(np.uint16) * np.uint16(10)
+    values += (chunk[seps - 3] - zero).astype(np.uint16) * (width == 4) * np.uint16(100)
     values = values.reshape(rows, ncols)
     if values.max() > 255 or (labelled and values[:, 0].max() > 9):
         return None
@@ -266,14 +236,14 @@ def _cell_problem(cell: str, is_label: bool) -> str | None:
 
 
 def _parse_chunk_exact(
-    text: str, first_line: int, ncols: int, labelled: bool, where: str, header: tuple | None
+    text: str, line_number: int, ncols: int, labelled: bool, where: str, header: tuple | None
 ) -> np.ndarray:
     """Slow, exact parse of `\\n`-terminated rows; raises UserError at the first bad cell."""
     lines = text.split("\n")[:-1]
     out = np.empty((len(lines), ncols), np.uint8)
     need = f"a label and {PIXELS} pixels" if labelled else f"{PIXELS} pixels"
     for k, line in enumerate(lines):
-        at = f"{where}:{first_line + k}"
+        at = f"{where}:{line_number + k}"
         cells = line.split(",")
         if len(cells) != ncols:
             what = "empty row" if not line.strip() else f"{len(cells)} columns, expected {ncols}"
@@ -299,8 +269,8 @@ def _parse_chunk_exact(
     return out
 
 
-def parse_csv_bytes(data: bytes, where: str) -> CSVData:
-    """Validate and parse a whole CSV held in memory."""
+def _tidy(data: bytes, where: str) -> bytes:
+    """The CSV without a byte order mark, with \\n line ends, ending in exactly one."""
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
     if b"\r" in data:
@@ -308,9 +278,23 @@ def parse_csv_bytes(data: bytes, where: str) -> CSVData:
     if re.fullmatch(rb"\s*", data[:65536]) and not data.strip():
         raise UserError(f"{where}: empty file (expected a header or rows of {PIXELS} pixels)")
     if not data.endswith(b"\n"):
-        data += b"\n"
-    elif data.endswith(b"\n\n"):
-        data = data.rstrip(b"\n") + b"\n"
+        return data + b"\n"
+    return data.rstrip(b"\n") + b"\n" if data.endswith(b"\n\n") else data
+
+
+def _chunk_bounds(data: bytes, start: int) -> list[tuple[int, int]]:
+    """(start, end) of chunks of about CHUNK_BYTES that end at a line end."""
+    bounds, lo = [], start
+    while lo < len(data):
+        hi = data.index(b"\n", min(lo + CHUNK_BYTES, len(data) - 1)) + 1
+        bounds.append((lo, hi))
+        lo = hi
+    return bounds
+
+
+def parse_csv_bytes(data: bytes, where: str) -> CSVData:
+    """Validate and parse a whole CSV held in memory."""
+    data = _tidy(data, where)
     first_end = data.index(b"\n")
     first = data[:first_end].decode("utf-8", errors="replace")
     layout, ncols, labelled, header = _detect_layout(first, where)
@@ -318,11 +302,6 @@ def parse_csv_bytes(data: bytes, where: str) -> CSVData:
     if start >= len(data):
         raise UserError(f"{where}: header only, no data rows (the file looks cut short)")
     buf = np.frombuffer(data, np.uint8)
-    bounds, lo = [], start
-    while lo < len(data):
-        hi = data.index(b"\n", min(lo + CHUNK_BYTES, len(data) - 1)) + 1
-        bounds.append((lo, hi))
-        lo = hi
 
     def parse(bound: tuple[int, int]) -> np.ndarray:
         lo, hi = bound
@@ -334,7 +313,7 @@ def parse_csv_bytes(data: bytes, where: str) -> CSVData:
         return rows
 
     with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
-        tables = list(pool.map(parse, bounds))
+        tables = list(pool.map(parse, _chunk_bounds(data, start)))
     images = np.empty((sum(map(len, tables)), PIXELS), np.uint8)
     labels = np.empty(len(images), np.int64) if labelled else None
     row = 0
@@ -380,10 +359,12 @@ def load_csv(source: str | Path, cache: bool = True) -> CSVData:
         return read_csv(source)  # raises the right error
     entry, key = _cache_entry(source)
     try:
-        with np.load(entry, allow_pickle=False) as z:
-            if str(z["key"]) == key:
-                labels = z["labels"] if bool(z["labelled"]) else None
-                return CSVData(z["images"], labels, str(z["layout"]), str(z["source"]))
+        with np.load(entry, allow_pickle=False) as cached:
+            if str(cached["key"]) == key:
+                labels = cached["labels"] if bool(cached["labelled"]) else None
+                _, member = split_member(str(cached["source"]))  # the zip member it holds
+                name = str(path) if member is None else f"{path}::{member}"  # as the caller says
+                return CSVData(cached["images"], labels, str(cached["layout"]), name)
     except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError):
         pass
     parsed = read_csv(source)
@@ -410,16 +391,6 @@ def load_csv(source: str | Path, cache: bool = True) -> CSVData:
 def kaggle_input_root() -> Path:
     """Kaggle's read-only input directory ($KAGGLE_INPUT_ROOT overrides /kaggle/input)."""
     return Path(os.environ.get("KAGGLE_INPUT_ROOT", "/kaggle/input"))
-
-
-def working_root() -> Path:
-    """Where commands write by default: $KAGGLE_WORKING_ROOT, else /kaggle/working inside a Kaggle
-    kernel (which sets KAGGLE_KERNEL_RUN_TYPE), else the current directory."""
-    if "KAGGLE_WORKING_ROOT" in os.environ:
-        return Path(os.environ["KAGGLE_WORKING_ROOT"])
-    if "KAGGLE_KERNEL_RUN_TYPE" in os.environ:
-        return Path("/kaggle/working")
-    return Path()
 
 
 def _find_under(root: Path, name: str, depth: int = 4) -> Path | None:
@@ -487,9 +458,8 @@ def download(dest: Path = DATA_DIR, unzip: bool = True, api=None) -> list[Path]:
     try:
         api.dataset_download_files(KAGGLE_DATASET, path=str(dest), unzip=unzip, quiet=False)
     except Exception as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(
-            f"kaggle: download of {KAGGLE_DATASET} failed: {reason} "
+            f"kaggle: download of {KAGGLE_DATASET} failed: {first_line(e)} "
             f"(check the network, or download by hand: {MANUAL_DOWNLOAD})"
         ) from None
     return sorted(dest.glob("mnist_*.csv")) + sorted(dest.glob(KAGGLE_ZIP))
@@ -506,10 +476,10 @@ def stratified_split(
         raise UserError(f"--val-split {val_fraction}: must be between 0 and 1 (for example 0.1)")
     rng = np.random.default_rng(seed)
     val = []
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        rng.shuffle(idx)
-        val.append(idx[: round(len(idx) * val_fraction)])
+    for label in np.unique(labels):
+        rows = np.flatnonzero(labels == label)
+        rng.shuffle(rows)
+        val.append(rows[: round(len(rows) * val_fraction)])
     val_idx = np.sort(np.concatenate(val))
     return np.setdiff1d(np.arange(len(labels)), val_idx), val_idx
 
@@ -530,6 +500,8 @@ def pixel_stats(images: np.ndarray) -> tuple[float, float]:
 
 # ---------------------------------------------------------------- tensors for training
 
+EVAL_BATCH_SIZE = 1024  # images a forward pass when no gradients are kept (scoring, predicting)
+
 
 class MNISTCSV(Dataset):
     """A standard map-style Dataset: item i is (normalized float [1,28,28], label), or the image
@@ -549,6 +521,27 @@ class MNISTCSV(Dataset):
     def __getitem__(self, i: int):
         x = (self.images[i].float().div(255).sub(self.mean).div(self.std)).unsqueeze(0)
         return x if self.labels is None else (x, int(self.labels[i]))
+
+
+@dataclass(frozen=True)
+class Normalize:
+    """How a network takes its input: (x - mean) / std, in channels_last memory format or not."""
+
+    mean: float = MNIST_MEAN
+    std: float = MNIST_STD
+    channels_last: bool = False
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """A normalized copy of a float batch [B,1,H,W] scaled to 0..1."""
+        x = x.sub(self.mean).div_(self.std)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+def warp(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Resample a float batch [B,1,H,W] through affine maps theta [B,2,3] (output to input
+    coordinates, -1..1 across the image), bilinearly, filling with 0 outside."""
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 @dataclass
@@ -582,33 +575,32 @@ class Augment:
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Distort a float batch [B,1,H,W] whose background is 0."""
         n = x.shape[0]
-        draws = 6 if self.hflip else 5  # digits keep the random stream they were tuned with
-        u = torch.rand(n, draws, generator=generator, device=generator.device) * 2 - 1
-        u = u.to(x.device)
-        angle = u[:, 0] * math.radians(self.degrees)
-        shear = u[:, 1] * math.radians(self.shear)
-        scale = 1 + u[:, 2] * self.scale
+        columns = 6 if self.hflip else 5  # digits keep the random stream they were tuned with
+        draws = torch.rand(n, columns, generator=generator, device=generator.device) * 2 - 1
+        draws = draws.to(x.device)
+        angle = draws[:, 0] * math.radians(self.degrees)
+        shear = draws[:, 1] * math.radians(self.shear)
+        scale = 1 + draws[:, 2] * self.scale
+        shift_x, shift_y = draws[:, 3] * 2 * self.translate, draws[:, 4] * 2 * self.translate
         cos, sin, tan = torch.cos(angle), torch.sin(angle), torch.tan(shear)
         theta = torch.stack(
             (
-                torch.stack(
-                    (cos * scale, (cos * tan - sin) * scale, u[:, 3] * 2 * self.translate), 1
-                ),
-                torch.stack(
-                    (sin * scale, (sin * tan + cos) * scale, u[:, 4] * 2 * self.translate), 1
-                ),
+                torch.stack((cos * scale, (cos * tan - sin) * scale, shift_x), 1),
+                torch.stack((sin * scale, (sin * tan + cos) * scale, shift_y), 1),
             ),
             1,
         )
         if self.hflip:  # x_in = -x_out before the affine map: a mirror image
-            theta[:, :, 0] *= torch.where(u[:, 5] < 0, -1.0, 1.0)[:, None]
-        grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
-        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+            theta[:, :, 0] *= torch.where(draws[:, 5] < 0, -1.0, 1.0)[:, None]
+        return warp(x, theta)
 
 
 class DeviceBatches:
-    """A whole split kept on one device as uint8, sliced into (optionally shuffled and augmented)
-    normalized float batches with no per-image Python work."""
+    """A whole split kept on one device as uint8, sliced into float batches with no per-image
+    Python work, normalized by `normalize` (None: left at 0..1). With `shuffle_seed` it is a
+    training pass: a new order every pass (from that seed), each batch augmented when `augment`
+    is given, and a last partial batch dropped when there are several. Without it, every row in
+    order."""
 
     def __init__(
         self,
@@ -616,21 +608,17 @@ class DeviceBatches:
         labels: np.ndarray | torch.Tensor | None,
         batch_size: int,
         device: torch.device | str = "cpu",
-        mean: float = MNIST_MEAN,
-        std: float = MNIST_STD,
-        shuffle: bool = False,
+        normalize: Normalize | None = Normalize(),
+        shuffle_seed: int | None = None,
         augment: Augment | None = None,
-        seed: int = 0,
-        drop_last: bool = False,
-        channels_last: bool = False,
     ) -> None:
         self.device = torch.device(device)
         self.x = torch.as_tensor(images).to(self.device)
         self.y = None if labels is None else torch.as_tensor(labels).to(self.device)
-        self.batch_size, self.mean, self.std = batch_size, mean, std
-        self.shuffle, self.augment, self.drop_last = shuffle, augment, drop_last
-        self.channels_last = channels_last
-        self.generator = torch.Generator().manual_seed(seed)
+        self.batch_size, self.normalize, self.augment = batch_size, normalize, augment
+        self.shuffle = shuffle_seed is not None
+        self.drop_last = self.shuffle and len(self.x) > batch_size
+        self.generator = torch.Generator().manual_seed(shuffle_seed or 0)
 
     def __len__(self) -> int:
         n, b = len(self.x), self.batch_size
@@ -642,21 +630,20 @@ class DeviceBatches:
             torch.randperm(n, generator=self.generator).to(self.device) if self.shuffle else None
         )
         for k in range(len(self)):
-            sl = slice(k * self.batch_size, min(n, (k + 1) * self.batch_size))
-            idx = order[sl] if order is not None else sl
-            xb = self.x[idx].unsqueeze(1).float().div_(255)
+            window = slice(k * self.batch_size, min(n, (k + 1) * self.batch_size))
+            rows = order[window] if order is not None else window
+            xb = self.x[rows].unsqueeze(1).float().div_(255)
             if self.augment is not None:
                 xb = self.augment(xb, self.generator)
-            xb = xb.sub_(self.mean).div_(self.std)
-            if self.channels_last:
-                xb = xb.contiguous(memory_format=torch.channels_last)
-            yield xb, (None if self.y is None else self.y[idx])
+            if self.normalize is not None:
+                xb = self.normalize(xb)
+            yield xb, (None if self.y is None else self.y[rows])
 
 
 # ---------------------------------------------------------------- exploration CLI
 
 
-def explore(source: str, out_dir: Path, plots: bool = True) -> dict:
+def explore(source: str, out_dir: Path, draw: bool = True) -> dict:
     """Print rows, class counts and shares and pixel statistics; draw the exploration figures."""
     data = load_csv(source)
     mean, std = pixel_stats(data.images)
@@ -672,10 +659,10 @@ def explore(source: str, out_dir: Path, plots: bool = True) -> dict:
         for name, n in zip(data.class_names, counts, strict=True):
             print(f"{name:>14} {n:>7,} {n / len(data):>6.1%}")
         summary["class_counts"] = counts.tolist()
-    if plots:
-        import plots as figures
+    if draw:
+        import plots
 
-        written = figures.exploration_figures(data, Augment.for_classes(data.class_names), out_dir)
+        written = plots.exploration_figures(data, Augment.for_classes(data.class_names), out_dir)
         print("wrote " + ", ".join(str(p) for p in written))
     return summary
 
@@ -694,7 +681,7 @@ def main(argv: list[str] | None = None) -> None:
     dl.add_argument("--no-unzip", action="store_true", help="keep the zip as it is")
     args = parser.parse_args(argv)
     if args.command == "explore":
-        explore(args.csv or find_data("train"), args.out_dir, plots=not args.no_plots)
+        explore(args.csv or find_data("train"), args.out_dir, draw=not args.no_plots)
     else:
         found = download(args.dest, unzip=not args.no_unzip)
         print("downloaded: " + ", ".join(str(p) for p in found))

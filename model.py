@@ -1,5 +1,5 @@
-"""Architectures (a registry of named builders), weight init, device and precision choice, and
-checkpoints that are data, never code."""
+"""Architectures (a registry of named builders) with Kaiming init; the device and precision a run
+uses (`setup_device`); checkpoints, which are data, never code."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from atomic import atomic_write
-from dataset import UserError
+from cli import UserError, first_line
 
 CHECKPOINT_FORMAT = 1
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {}
@@ -159,6 +159,14 @@ PRECISION_HELP = (
 )
 
 
+def add_device_arguments(parser, precision_default: str) -> None:
+    """--device and --precision, as train.py and predict.py take them, on an argparse parser."""
+    parser.add_argument("--device", help="cpu, cuda or mps; None: the best available")
+    parser.add_argument(
+        "--precision", choices=PRECISIONS, default=precision_default, help=PRECISION_HELP
+    )
+
+
 def default_precision() -> str:
     """--precision's default: $MNIST_PRECISION when set, else auto."""
     name = os.environ.get(PRECISION_ENV, "auto")
@@ -187,6 +195,15 @@ def cuda_unsupported_reason(index: int = 0) -> str | None:
         f"{torch.cuda.get_device_name(index)} (sm_{major}{minor}) is not supported by this "
         f"torch {torch.__version__} build (it has kernels for {' '.join(archs)})"
     )
+
+
+def setup_device(name: str | None, precision: str = "auto") -> tuple[torch.device, Precision]:
+    """The device for --device `name` (None: the best available) and how to run it for
+    --precision `precision`; on the CPU, glibc is told to keep freed memory for reuse."""
+    device = pick_device(name)
+    if device.type == "cpu":
+        keep_freed_memory()
+    return device, precision_for(device, precision)
 
 
 def pick_device(name: str | None = None) -> torch.device:
@@ -331,18 +348,9 @@ def load_checkpoint(path: str | Path) -> dict:
             warnings.simplefilter("ignore")
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        if lines and lines[0].startswith("Weights only load failed"):
-            details = [
-                line.split("WeightsUnpickler error:")[-1].strip()
-                for line in lines[1:]
-                if not line.startswith("Check the documentation")
-            ]
-            reason = "; ".join(
-                ["it holds code or objects a checkpoint must not", *filter(None, details)]
-            )
-        else:
-            reason = lines[0] if lines else type(e).__name__
+        reason = first_line(e)
+        if reason.startswith("Weights only load failed"):
+            reason = _refusal(str(e))
         raise UserError(
             f"{path}: not a loadable checkpoint: {reason[:200]} (train a new one)"
         ) from None
@@ -356,12 +364,22 @@ def load_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
+def _refusal(message: str) -> str:
+    """torch's multi-line refusal of a pickle that holds code, as one clause."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    details = [
+        line.split("WeightsUnpickler error:")[-1].strip()
+        for line in lines[1:]
+        if not line.startswith("Check the documentation")
+    ]
+    return "; ".join(["it holds code or objects a checkpoint must not", *filter(None, details)])
+
+
 def model_from_checkpoint(ckpt: dict, where: str | Path = "checkpoint") -> nn.Module:
     """Rebuild the network a checkpoint describes and load its weights."""
     net = build(ckpt["arch"], **ckpt["arch_kwargs"])
     try:
         net.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:
-        reason = str(e).splitlines()[0]
-        raise UserError(f"{where}: weights do not fit {ckpt['arch']}: {reason}") from None
+        raise UserError(f"{where}: weights do not fit {ckpt['arch']}: {first_line(e)}") from None
     return net

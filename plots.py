@@ -1,6 +1,7 @@
 """Every figure of the project: matplotlib with the Agg backend, seaborn for heatmaps.
 
-Each function draws one figure, writes it atomically as PNG and returns its path.
+Each public function draws one figure (or, for `exploration_figures` and `evaluation_figures`,
+a set), writes it atomically as PNG and returns its path.
 """
 
 from __future__ import annotations
@@ -57,14 +58,17 @@ def _digit_grid(
     return fig
 
 
-def sample_rows(n_rows: int, labels: np.ndarray | None, per_class: int, unlabelled: int,
-                seed: int = 0) -> np.ndarray:  # fmt: skip
+def sample_rows(
+    n_rows: int, labels: np.ndarray | None, per_class: int, unlabelled: int, seed: int = 0
+) -> np.ndarray:
     """Random row indices for a grid: `per_class` of each class, or `unlabelled` rows when there
     are no labels."""
     rng = np.random.default_rng(seed)
     if labels is None:
         return rng.choice(n_rows, size=min(unlabelled, n_rows), replace=False)
-    picks = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in np.unique(labels)]
+    picks = [
+        rng.permutation(np.flatnonzero(labels == label))[:per_class] for label in np.unique(labels)
+    ]
     return np.concatenate(picks)
 
 
@@ -177,10 +181,9 @@ def confusion_matrices(cm: np.ndarray, class_names, path: Path) -> Path:
         (axes[0], cm, "d", "counts"),
         (axes[1], share, ".1f", "share of each true class (%)"),
     ):
-        sns.heatmap(
-            values, annot=True, fmt=fmt, cmap="Blues", cbar=False, square=True, ax=ax,
-            xticklabels=class_names, yticklabels=class_names, annot_kws={"fontsize": 8},
-        )  # fmt: skip
+        labels = {"xticklabels": class_names, "yticklabels": class_names}
+        style = {"cmap": "Blues", "cbar": False, "square": True, "annot_kws": {"fontsize": 8}}
+        sns.heatmap(values, annot=True, fmt=fmt, ax=ax, **labels, **style)
         for text, off in zip(ax.texts, off_diagonal.ravel(), strict=True):
             if off and text.get_text() not in ("0", "0.0"):
                 text.set_color(MISTAKE)
@@ -221,3 +224,64 @@ def per_class_errors(
     ax.set_ylim(0, max(rates.max(), 0.1) * 1.25)
     ax.set_title("Error rate per class (the three worst in red)")
     return _save(fig, path)
+
+
+def caption(names, pred: int, conf: float, true: int | None = None) -> str:
+    """A predicted image's caption: class and confidence, then the truth when it differs."""
+    text = f"{names[pred]} {conf:.0%}"
+    return text if true is None or true == pred else f"{text}\ntrue: {names[true]}"
+
+
+def sample_predictions(images, probs, labels, names, source: str, path: Path) -> Path:
+    """Four random images of each class (40 when unlabelled) with the predicted class and its
+    confidence; mistakes in red with the truth when labels are known."""
+    rows = sample_rows(len(images), labels, per_class=4, unlabelled=40)
+    preds, conf = probs.argmax(1), probs.max(1)
+    truth = [None] * len(rows) if labels is None else labels[rows]
+    captions = [caption(names, preds[i], conf[i], t) for i, t in zip(rows, truth, strict=True)]
+    wrong = None if labels is None else preds[rows] != labels[rows]
+    how = "predicted (confidence)" + ("" if wrong is None else "; mistakes in red, with the truth")
+    title = f"Sample predictions on {Path(source).name}: {how}"
+    return prediction_grid(images[rows], captions, wrong, title, path)
+
+
+def confident_mistakes(images, probs, labels, names, path: Path, limit: int = 30) -> Path | None:
+    """The `limit` mistakes the model was most sure of; None (and no file, not even an earlier
+    run's) when there are none."""
+    preds, conf = probs.argmax(1), probs.max(1)
+    mistakes = np.flatnonzero(preds != labels)
+    mistakes = mistakes[np.argsort(-conf[mistakes], kind="stable")][:limit]
+    if not len(mistakes):
+        path.unlink(missing_ok=True)
+        return None
+    return prediction_grid(
+        images[mistakes],
+        [caption(names, preds[i], conf[i], labels[i]) for i in mistakes],
+        np.ones(len(mistakes), bool),
+        f"The {len(mistakes)} most confident mistakes: predicted (confidence), then the truth",
+        path,
+    )
+
+
+def evaluation_figures(metrics: dict, images, labels, probs, source: str, out_dir: Path) -> list:
+    """The report's figures for labelled input (`metrics` as report.compute_metrics gives it):
+    confusion matrix, error rate per class, sample predictions, the most confident mistakes."""
+    names = list(metrics["per_class"])
+    per_class = metrics["per_class"].values()
+    written = [
+        confusion_matrices(
+            np.array(metrics["confusion_matrix"]), names, out_dir / "confusion_matrix.png"
+        ),
+        per_class_errors(
+            [c["errors"] for c in per_class],
+            [c["support"] for c in per_class],
+            names,
+            metrics["most_misclassified"],
+            out_dir / "per_class_errors.png",
+        ),
+        sample_predictions(
+            images, probs, labels, names, source, out_dir / "sample_predictions.png"
+        ),
+        confident_mistakes(images, probs, labels, names, out_dir / "confident_mistakes.png"),
+    ]
+    return [path for path in written if path is not None]

@@ -16,6 +16,7 @@ import io
 import math
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,127 +24,167 @@ import torch
 import torch.nn.functional as F
 
 import dataset
-import model as models
+import model
 import report
 from atomic import atomic_write
-from dataset import CLIParser, UserError
+from cli import CLIParser, UserError, first_line, run_cli, working_root
 
 TTA_SHIFT = 1  # pixels
 TTA_DEGREES = 8.0
 
 
-def parse_args(argv: list[str] | None) -> dict:
+@dataclass(frozen=True)
+class Options:
+    """What one predict.py run does; the defaults are those of `python predict.py`."""
+
+    checkpoint: list[str] = field(
+        default_factory=lambda: [str(working_root() / "models" / "best.pt")]
+    )
+    input: str | None = None
+    output: str = field(default_factory=lambda: str(working_root() / "submissions/submission.csv"))
+    probabilities: bool = False
+    tta: bool = False
+    image: list[str] | None = None
+    report_dir: str = field(default_factory=lambda: str(working_root() / "outputs" / "report"))
+    no_report: bool = False
+    batch_size: int = dataset.EVAL_BATCH_SIZE
+    device: str | None = None
+    precision: str = field(default_factory=model.default_precision)
+
+
+def parse_args(argv: list[str] | None) -> Options:
+    """The command line as Options, checked; a bad flag is a UserError."""
+    default = Options()
     p = CLIParser(description="Predict with trained checkpoints; evaluate labelled input.")
-    work = dataset.working_root()
     p.add_argument(
         "--checkpoint",
         nargs="+",
-        default=[str(work / "models" / "best.pt")],
+        default=default.checkpoint,
         help="one or more checkpoints; several average their probabilities (an ensemble)",
     )
     p.add_argument("--input", help="CSV to predict (.csv, .csv.gz, .zip[::member]); None: found")
-    p.add_argument(
-        "--output", default=str(work / "submissions" / "submission.csv"), help="submission CSV"
-    )
+    p.add_argument("--output", default=default.output, help="submission CSV")
     p.add_argument("--probabilities", action="store_true", help="add columns prob_0..prob_9")
     p.add_argument(
         "--tta",
         action="store_true",
         help=f"test-time augmentation: average over {TTA_SHIFT}-pixel shifts and "
-        f"+-{TTA_DEGREES:g} degree rotations (Fashion-MNIST: shifts and the mirror image)",
+        f"+-{TTA_DEGREES:g} degree rotations (the mirror image instead of the rotations for "
+        "models trained on mirrored images: Fashion-MNIST's)",
     )
     p.add_argument("--image", nargs="+", help="predict these image files instead of a CSV")
-    p.add_argument(
-        "--report-dir", default=str(work / "outputs" / "report"), help="evaluation report, figures"
-    )
+    p.add_argument("--report-dir", default=default.report_dir, help="evaluation report, figures")
     p.add_argument("--no-report", action="store_true", help="write the submission only")
-    p.add_argument("--batch-size", type=int, default=1024, help="images per forward pass")
-    p.add_argument("--device", help="cpu, cuda or mps; None: the best available")
     p.add_argument(
-        "--precision",
-        choices=models.PRECISIONS,
-        default=models.default_precision(),
-        help=models.PRECISION_HELP,
+        "--batch-size", type=int, default=default.batch_size, help="images per forward pass"
     )
-    args = vars(p.parse_args(argv))
-    if args["image"] and args["input"]:
+    model.add_device_arguments(p, default.precision)
+    options = Options(**vars(p.parse_args(argv)))
+    if options.image and options.input:
         raise UserError("--image and --input: give one of them")
-    if Path(args["output"]).is_dir():
-        raise UserError(f"--output {args['output']}: is a directory (name a .csv file)")
-    if args["batch_size"] < 1:
-        raise UserError(f"--batch-size {args['batch_size']}: must be at least 1")
-    return args
+    if Path(options.output).is_dir():
+        raise UserError(f"--output {options.output}: is a directory (name a .csv file)")
+    if options.batch_size < 1:
+        raise UserError(f"--batch-size {options.batch_size}: must be at least 1")
+    return options
 
 
 # ---------------------------------------------------------------- models and inference
+
+
+@dataclass
+class Member:
+    """One checkpoint of an ensemble, ready on its device."""
+
+    path: str
+    checkpoint: dict
+    net: torch.nn.Module
+    normalize: dataset.Normalize
+    mirror: bool  # trained on mirrored images, so test-time augmentation may mirror too
+
+
+def trained_on_mirror_images(checkpoint: dict) -> bool:
+    """Whether a checkpoint's training augmentation mirrored images (Fashion-MNIST's policy)."""
+    augmented = checkpoint.get("config", {}).get("augment", False)
+    return bool(augmented) and dataset.Augment.for_classes(checkpoint["class_names"]).hflip
 
 
 class Ensemble:
     """One or more checkpoints on a device, each with its own input normalization; predicts the
     mean of their softmax outputs, optionally over test-time augmented views."""
 
-    def __init__(self, paths: list[str], device: torch.device, precision: str = "auto") -> None:
-        self.device = device
-        self.precision = models.precision_for(device, precision)
-        self.members, self.checkpoints = [], []
-        for path in paths:
-            ckpt = models.load_checkpoint(path)
-            net = models.model_from_checkpoint(ckpt, path).eval()
-            self.members.append((self.precision.place(net, device), ckpt["mean"], ckpt["std"]))
-            self.checkpoints.append(ckpt)
-        self.class_names = tuple(self.checkpoints[0]["class_names"])
-        for path, ckpt in zip(paths[1:], self.checkpoints[1:], strict=True):
-            if tuple(ckpt["class_names"]) != self.class_names:
+    def __init__(self, paths: list[str], device: torch.device, precision: model.Precision) -> None:
+        self.device, self.precision = device, precision
+        self.members = [self._load(path) for path in paths]
+        self.class_names = tuple(self.members[0].checkpoint["class_names"])
+        for member in self.members[1:]:
+            names = member.checkpoint["class_names"]
+            if tuple(names) != self.class_names:
                 raise UserError(
-                    f"{path}: its classes ({', '.join(ckpt['class_names'])}) differ from those "
-                    f"of {paths[0]} ({', '.join(self.class_names)}); an ensemble needs one task"
+                    f"{member.path}: its classes ({', '.join(names)}) differ from those of "
+                    f"{paths[0]} ({', '.join(self.class_names)}); an ensemble needs one task"
                 )
-        self.paths = list(paths)
-        self.mirror = dataset.Augment.for_classes(self.class_names).hflip  # trained on mirrors
+
+    def _load(self, path: str) -> Member:
+        checkpoint = model.load_checkpoint(path)
+        net = self.precision.place(
+            model.model_from_checkpoint(checkpoint, path).eval(), self.device
+        )
+        normalize = dataset.Normalize(
+            checkpoint["mean"], checkpoint["std"], self.precision.channels_last
+        )
+        return Member(path, checkpoint, net, normalize, trained_on_mirror_images(checkpoint))
+
+    @property
+    def paths(self) -> list[str]:
+        return [member.path for member in self.members]
+
+    @property
+    def checkpoints(self) -> list[dict]:
+        return [member.checkpoint for member in self.members]
 
     def describe(self) -> str:
         return ", ".join(
-            f"{path} ({c['arch']}, epoch {c.get('epoch', '?')})"
-            for path, c in zip(self.paths, self.checkpoints, strict=True)
+            f"{m.path} ({m.checkpoint['arch']}, epoch {m.checkpoint.get('epoch', '?')})"
+            for m in self.members
         )
 
     def seen_in_training(self, images: np.ndarray) -> dict | None:
         """The leak guard: how many of `images` a member trained on or validated on, matched by
         pixel hashes; None when a checkpoint predates the fingerprint."""
-        if any("seen_rows" not in c for c in self.checkpoints):
+        if any("seen_rows" not in ckpt for ckpt in self.checkpoints):
             return None
         hashes = dataset.row_hashes(images).view(np.int64)
 
         def among(split: str) -> np.ndarray:
-            fingerprints = [c["seen_rows"][split].numpy() for c in self.checkpoints]
+            fingerprints = [ckpt["seen_rows"][split].numpy() for ckpt in self.checkpoints]
             return np.logical_or.reduce([np.isin(hashes, f) for f in fingerprints])
 
         trained = among("train")
         seen = trained | among("val")
         return {"rows": len(images), "seen": int(seen.sum()), "trained_on": int(trained.sum())}
 
-    def predict_proba(self, images: np.ndarray, tta: bool = False, batch_size: int = 1024):
+    def predict_proba(
+        self, images: np.ndarray, tta: bool = False, batch_size: int = dataset.EVAL_BATCH_SIZE
+    ) -> np.ndarray:
         """Class probabilities [N, classes] (float32) for uint8 images [N, 28, 28]."""
-        batches = dataset.DeviceBatches(images, None, batch_size, self.device, mean=0.0, std=1.0)
+        batches = dataset.DeviceBatches(images, None, batch_size, self.device, normalize=None)
         out = []
         with torch.inference_mode(), self.precision.autocast(self.device):
             for xb, _ in batches:
-                views = tta_views(xb, self.mirror) if tta else [xb]
-                total = 0
-                for net, mean, std in self.members:
-                    for view in views:
-                        x = view.sub(mean).div_(std)
-                        if self.precision.channels_last:
-                            x = x.contiguous(memory_format=torch.channels_last)
-                        total = total + net(x).float().softmax(1)
-                out.append((total / (len(self.members) * len(views))).cpu())
+                total, views = 0, 0
+                for member in self.members:
+                    for view in tta_views(xb, member.mirror) if tta else [xb]:
+                        total = total + member.net(member.normalize(view)).float().softmax(1)
+                        views += 1
+                out.append((total / views).cpu())
         return torch.cat(out).numpy()
 
 
 def tta_views(x: torch.Tensor, mirror: bool = False) -> list[torch.Tensor]:
     """The batch [B,1,H,W] (background 0) as it is, shifted a pixel four ways, and rotated both
-    ways: seven views whose predictions are averaged. For models trained on mirrored images
-    (Fashion-MNIST) the mirror image replaces the two rotations."""
+    ways: seven views whose predictions are averaged. For models trained on mirrored images the
+    mirror image replaces the two rotations."""
     s, h, w = TTA_SHIFT, x.shape[-2], x.shape[-1]
     padded = F.pad(x, (s, s, s, s))
     shifts = [
@@ -163,8 +204,7 @@ def rotate(x: torch.Tensor, degrees: float) -> torch.Tensor:
         dtype=x.dtype,
         device=x.device,
     ).expand(len(x), 2, 3)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, align_corners=False)
+    return dataset.warp(x, theta)
 
 
 # ---------------------------------------------------------------- submission CSV
@@ -204,8 +244,7 @@ def preprocess_image(path: str | Path) -> np.ndarray:
     except FileNotFoundError:
         raise UserError(f"{path}: no such image file") from None
     except (UnidentifiedImageError, OSError, ValueError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"{path}: not a readable image: {reason}") from None
+        raise UserError(f"{path}: not a readable image: {first_line(e)}") from None
     ink = _ink(img)
     if ink.max() <= 0:
         raise UserError(f"{path}: no digit found (the image is blank)")
@@ -243,42 +282,40 @@ def _ink(img) -> np.ndarray:
     return np.clip(ink, 0, None)
 
 
-def predict_images(args: dict, ensemble: Ensemble) -> list[dict]:
+def predict_images(options: Options, ensemble: Ensemble) -> list[dict]:
     """Print each image's predicted class and probability; draw the preprocessed inputs."""
-    images = np.stack([preprocess_image(p) for p in args["image"]])
-    probs = ensemble.predict_proba(images, args["tta"], args["batch_size"])
+    images = np.stack([preprocess_image(path) for path in options.image])
+    probs = ensemble.predict_proba(images, options.tta, options.batch_size)
     names = ensemble.class_names
     results = []
-    for path, p in zip(args["image"], probs, strict=True):
+    for path, p in zip(options.image, probs, strict=True):
         first, second = np.argsort(-p)[:2]
         results.append({"image": path, "class": names[first], "probability": float(p[first])})
         print(f"{path}: {names[first]} ({p[first]:.1%}; next {names[second]} {p[second]:.1%})")
-    if not args["no_report"]:
+    if not options.no_report:
         import plots
 
         captions = [
             f"{Path(r['image']).name}\n{r['class']} {r['probability']:.0%}" for r in results
         ]
-        fig = plots.prediction_grid(
+        grid = plots.prediction_grid(
             images,
             captions,
             None,
             "Your images after MNIST-style preprocessing, with the prediction",
-            Path(args["report_dir"]) / "own_images.png",
+            Path(options.report_dir) / "own_images.png",
             cols=min(len(images), 8),
         )
-        print(f"wrote {fig}")
+        print(f"wrote {grid}")
     return results
 
 
 # ---------------------------------------------------------------- CSV input
 
 
-def predict_csv(args: dict, ensemble: Ensemble, t_start: float) -> dict:
-    """Write the submission and the report: the evaluation when the input is labelled, the
-    predictions alone when not."""
-    source = args["input"] or dataset.find_data("test")
-    data = dataset.load_csv(source)
+def predict_csv(options: Options, ensemble: Ensemble, started: float) -> dict:
+    """Write the submission, warn of rows the model learned from, then the report."""
+    data = dataset.load_csv(options.input or dataset.find_data("test"))
     names = ensemble.class_names
     if data.layout in dataset.LAYOUTS and tuple(data.class_names) != names:
         print(
@@ -286,48 +323,60 @@ def predict_csv(args: dict, ensemble: Ensemble, t_start: float) -> dict:
             f"checkpoint's classes are {'/'.join(names[:3])}/...; using the checkpoint's",
             file=sys.stderr,
         )
-    probs = ensemble.predict_proba(data.images, args["tta"], args["batch_size"])
-    output = Path(args["output"])
-    write_submission(output, data.ids, probs, args["probabilities"])
-    seconds = time.perf_counter() - t_start
+    probs = ensemble.predict_proba(data.images, options.tta, options.batch_size)
+    output = Path(options.output)
+    write_submission(output, data.ids, probs, options.probabilities)
     print(f"wrote {output}: {len(data):,} rows (ImageId,Label) from {data.source}")
     summary = {
         "submission": str(output),
         "rows": len(data),
-        "seconds": round(seconds, 2),
+        "seconds": round(time.perf_counter() - started, 2),
         "seen_in_training": warn_of_seen_rows(ensemble, data),
     }
     if data.labels is not None:
         summary["accuracy"] = float((probs.argmax(1) == data.labels).mean())
-    if args["no_report"]:
-        if data.labels is not None:
-            print(f"accuracy {summary['accuracy']:.2%} on {len(data):,} labelled rows")
-        return summary
-    out_dir = Path(args["report_dir"])
+    if not options.no_report:
+        return {**summary, **write_report(options, ensemble, data, probs, summary)}
+    if data.labels is not None:
+        print(f"accuracy {summary['accuracy']:.2%} on {len(data):,} labelled rows")
+    return summary
+
+
+def write_report(options: Options, ensemble: Ensemble, data, probs, summary: dict) -> dict:
+    """The evaluation report for labelled input; the predictions figure and metrics.json for
+    unlabelled input. Returns what to add to the summary."""
+    import plots
+
+    out_dir = Path(options.report_dir)
     context = {
         "input": data.source,
         "checkpoints": ensemble.paths,
         "models": [
-            {"arch": c["arch"], "epoch": c.get("epoch"), "metrics": c.get("metrics")}
-            for c in ensemble.checkpoints
+            {"arch": ckpt["arch"], "epoch": ckpt.get("epoch"), "metrics": ckpt.get("metrics")}
+            for ckpt in ensemble.checkpoints
         ],
-        "tta": args["tta"],
-        "submission": str(output),
+        "tta": options.tta,
+        "submission": summary["submission"],
         "seen_in_training": summary["seen_in_training"],
         "predict_seconds": summary["seconds"],
-        "versions": models.library_versions(),
+        "versions": model.library_versions(),
         "footer": f"predict.py on {ensemble.device.type} ({ensemble.precision.describe()}), "
         f"torch {torch.__version__}; {ensemble.describe()}",
     }
+    names = ensemble.class_names
     if data.labels is None:
-        grid = report.write_unlabelled(out_dir, data.images, probs, names, context)
+        grid = plots.sample_predictions(
+            data.images, probs, None, names, data.source, out_dir / "sample_predictions.png"
+        )
+        report.write_prediction_summary(out_dir, probs, names, context)
         print(f"wrote {grid} and metrics.json beside it (unlabelled input: predictions only)")
-        return summary
-    metrics = report.evaluate(data.labels, probs, names)
+        return {}
+    metrics = report.compute_metrics(data.labels, probs, names)
     report.print_summary(metrics)
-    page = report.write(out_dir, metrics, data.images, data.labels, probs, context)
+    plots.evaluation_figures(metrics, data.images, data.labels, probs, data.source, out_dir)
+    page = report.write_evaluation(out_dir, metrics, context)
     print(f"report: {page} (figures, metrics.json and classification_report.txt beside it)")
-    return {**summary, "report": str(page)}
+    return {"report": str(page)}
 
 
 def warn_of_seen_rows(ensemble: Ensemble, data: dataset.CSVData) -> dict | None:
@@ -344,16 +393,13 @@ def warn_of_seen_rows(ensemble: Ensemble, data: dataset.CSVData) -> dict | None:
 
 
 def main(argv: list[str] | None = None) -> dict | list[dict]:
-    t_start = time.perf_counter()
-    args = parse_args(argv)
-    device = models.pick_device(args["device"])
-    if device.type == "cpu":
-        models.keep_freed_memory()
-    ensemble = Ensemble(args["checkpoint"], device, args["precision"])
-    if args["image"]:
-        return predict_images(args, ensemble)
-    return predict_csv(args, ensemble, t_start)
+    started = time.perf_counter()
+    options = parse_args(argv)
+    ensemble = Ensemble(options.checkpoint, *model.setup_device(options.device, options.precision))
+    if options.image:
+        return predict_images(options, ensemble)
+    return predict_csv(options, ensemble, started)
 
 
 if __name__ == "__main__":
-    dataset.run_cli(main)
+    run_cli(main)

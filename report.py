@@ -1,6 +1,6 @@
-"""The evaluation report for labelled predictions: the numbers (scikit-learn's classification
-report, confusion matrix, misclassification analysis), the figures, metrics.json, and one
-self-contained HTML file that tells the whole story."""
+"""The evaluation report's numbers and pages: scikit-learn's classification report, the confusion
+matrix and the misclassification analysis, the leak guard's count in words, metrics.json, and one
+self-contained HTML page that embeds the figures plots.py drew. No figure code."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ FIGURES = (
 )
 
 
-def evaluate(labels: np.ndarray, probs: np.ndarray, class_names) -> dict:
+def compute_metrics(labels: np.ndarray, probs: np.ndarray, class_names) -> dict:
     """Every number of the report, JSON-ready, from true labels and predicted probabilities."""
     from sklearn.metrics import classification_report, confusion_matrix
 
@@ -32,27 +32,9 @@ def evaluate(labels: np.ndarray, probs: np.ndarray, class_names) -> dict:
     common = dict(labels=classes, target_names=names, zero_division=0)
     table = classification_report(labels, preds, output_dict=True, **common)
     cm = confusion_matrix(labels, preds, labels=classes)
-    support = cm.sum(1)
-    errors = support - np.diag(cm)
-    error_rate = np.divide(errors, support, out=np.zeros(len(names)), where=support > 0)
-    per_class = {
-        name: {
-            "precision": table[name]["precision"],
-            "recall": table[name]["recall"],
-            "f1": table[name]["f1-score"],
-            "support": int(support[i]),
-            "errors": int(errors[i]),
-            "error_rate": float(error_rate[i]),
-        }
-        for i, name in enumerate(names)
-    }
-    off = [(int(cm[t, p]), t, p) for t in classes for p in classes if t != p and cm[t, p]]
-    off.sort(key=lambda c: (-c[0], c[1], c[2]))
-    pairs = [
-        {"true": names[t], "predicted": names[p], "count": n, "share_of_true": n / int(support[t])}
-        for n, t, p in off[:TOP_PAIRS]
-    ]
-    worst = [names[i] for i in np.argsort(-error_rate, kind="stable") if errors[i]][:WORST_CLASSES]
+    per_class = _per_class(table, cm, names)
+    error_rates = np.array([c["error_rate"] for c in per_class.values()])
+    ranked = [names[i] for i in np.argsort(-error_rates, kind="stable") if error_rates[i]]
     p_true = probs[np.arange(len(labels)), labels]
     return {
         "rows": len(labels),
@@ -63,10 +45,48 @@ def evaluate(labels: np.ndarray, probs: np.ndarray, class_names) -> dict:
         "weighted_avg": _averages(table["weighted avg"]),
         "per_class": per_class,
         "confusion_matrix": cm.tolist(),
-        "confused_pairs": pairs,
-        "most_misclassified": worst,
+        "confused_pairs": _confused_pairs(cm, names),
+        "most_misclassified": ranked[:WORST_CLASSES],
         "classification_report": classification_report(labels, preds, digits=4, **common),
     }
+
+
+def _per_class(table: dict, cm: np.ndarray, names: list[str]) -> dict:
+    """Precision, recall, F1 (scikit-learn's), support, errors and error rate of each class."""
+    support = cm.sum(1)
+    errors = support - np.diag(cm)
+    error_rate = np.divide(errors, support, out=np.zeros(len(names)), where=support > 0)
+    return {
+        name: {
+            "precision": table[name]["precision"],
+            "recall": table[name]["recall"],
+            "f1": table[name]["f1-score"],
+            "support": int(support[i]),
+            "errors": int(errors[i]),
+            "error_rate": float(error_rate[i]),
+        }
+        for i, name in enumerate(names)
+    }
+
+
+def _confused_pairs(cm: np.ndarray, names: list[str]) -> list[dict]:
+    """The TOP_PAIRS most frequent (true, predicted) mistakes, most frequent first."""
+    confusions = [
+        (int(cm[true, pred]), true, pred)
+        for true in range(len(names))
+        for pred in range(len(names))
+        if true != pred and cm[true, pred]
+    ]
+    confusions.sort(key=lambda confusion: (-confusion[0], confusion[1], confusion[2]))
+    return [
+        {
+            "true": names[true],
+            "predicted": names[pred],
+            "count": count,
+            "share_of_true": count / int(cm[true].sum()),
+        }
+        for count, true, pred in confusions[:TOP_PAIRS]
+    ]
 
 
 def _averages(row: dict) -> dict:
@@ -80,35 +100,15 @@ def print_summary(metrics: dict) -> None:
         f"({metrics['errors']:,} wrong), log loss {metrics['log_loss']:.4f}"
     )
     print(metrics["classification_report"])
-    if metrics["confused_pairs"]:
-        print("most confused (true -> predicted): " + ", ".join(
-            f"{p['true']} -> {p['predicted']} x{p['count']}" for p in metrics["confused_pairs"][:5]
-        ))  # fmt: skip
-        print("most misclassified classes: " + ", ".join(
-            f"{name} ({metrics['per_class'][name]['error_rate']:.2%})"
-            for name in metrics["most_misclassified"]
-        ))  # fmt: skip
-
-
-def caption(names, pred: int, conf: float, true: int | None = None) -> str:
-    text = f"{names[pred]} {conf:.0%}"
-    return text if true is None or true == pred else f"{text}\ntrue: {names[true]}"
-
-
-def draw_predictions(images, probs, labels, names, source: str, path: Path) -> Path:
-    """The sample predictions grid (mistakes marked when labels are known)."""
-    import plots
-
-    rows = plots.sample_rows(len(images), labels, per_class=4, unlabelled=40)
-    preds, conf = probs.argmax(1), probs.max(1)
-    truth = [None] * len(rows) if labels is None else labels[rows]
-    captions = [caption(names, preds[i], conf[i], t) for i, t in zip(rows, truth, strict=True)]
-    wrong = None if labels is None else preds[rows] != labels[rows]
-    how = "predicted (confidence)" + (
-        "; mistakes in red, with the truth" if wrong is not None else ""
-    )
-    title = f"Sample predictions on {Path(source).name}: {how}"
-    return plots.prediction_grid(images[rows], captions, wrong, title, path)
+    if not metrics["confused_pairs"]:
+        return
+    pairs = [f"{p['true']} -> {p['predicted']} x{p['count']}" for p in metrics["confused_pairs"]]
+    print("most confused (true -> predicted): " + ", ".join(pairs[:5]))
+    worst = [
+        f"{name} ({metrics['per_class'][name]['error_rate']:.2%})"
+        for name in metrics["most_misclassified"]
+    ]
+    print("most misclassified classes: " + ", ".join(worst))
 
 
 def describe_seen(seen: dict | None) -> str:
@@ -122,49 +122,19 @@ def describe_seen(seen: dict | None) -> str:
     )
 
 
-def write_unlabelled(out_dir: Path, images, probs, names, context: dict) -> Path:
-    """For input without labels: the sample predictions figure, and metrics.json with the
-    predicted class counts and the leak guard's count. Returns the figure's path."""
-    grid = draw_predictions(
-        images, probs, None, names, context["input"], out_dir / "sample_predictions.png"
-    )
+def write_prediction_summary(out_dir: Path, probs: np.ndarray, names, context: dict) -> Path:
+    """metrics.json for input without labels: the context, the count of each predicted class and
+    the leak guard's count. Returns its path."""
     counts = np.bincount(probs.argmax(1), minlength=len(names)).tolist()
     predicted = dict(zip(names, counts, strict=True))
-    write_json(out_dir / "metrics.json", {**context, "rows": len(images), "predicted": predicted})
-    return grid
+    path = out_dir / "metrics.json"
+    write_json(path, {**context, "rows": len(probs), "predicted": predicted})
+    return path
 
 
-def write(out_dir: Path, metrics: dict, images, labels, probs, context: dict) -> Path:
-    """Figures, metrics.json, classification_report.txt and report.html into `out_dir`."""
-    import plots
-
-    names = list(metrics["per_class"])
-    preds, conf = probs.argmax(1), probs.max(1)
-    plots.confusion_matrices(
-        np.array(metrics["confusion_matrix"]), names, out_dir / "confusion_matrix.png"
-    )
-    plots.per_class_errors(
-        [c["errors"] for c in metrics["per_class"].values()],
-        [c["support"] for c in metrics["per_class"].values()],
-        names,
-        metrics["most_misclassified"],
-        out_dir / "per_class_errors.png",
-    )
-    draw_predictions(images, probs, labels, names, context["input"],
-                     out_dir / "sample_predictions.png")  # fmt: skip
-    mistakes = np.flatnonzero(preds != labels)
-    mistakes = mistakes[np.argsort(-conf[mistakes], kind="stable")][:30]
-    mistakes_png = out_dir / "confident_mistakes.png"
-    if len(mistakes):
-        plots.prediction_grid(
-            images[mistakes],
-            [caption(names, preds[i], conf[i], labels[i]) for i in mistakes],
-            np.ones(len(mistakes), bool),
-            f"The {len(mistakes)} most confident mistakes: predicted (confidence), then the truth",
-            mistakes_png,
-        )
-    else:
-        mistakes_png.unlink(missing_ok=True)  # a figure from an earlier run would mislead
+def write_evaluation(out_dir: Path, metrics: dict, context: dict) -> Path:
+    """metrics.json, classification_report.txt and report.html (embedding the figures in
+    `out_dir`) for labelled input. Returns the page's path."""
     write_json(out_dir / "metrics.json", {**context, **metrics})
     with atomic_write(out_dir / "classification_report.txt", "w") as f:
         f.write(metrics["classification_report"])
@@ -211,43 +181,57 @@ def _seen_warning(seen: dict | None) -> str:
     )
 
 
+def _per_class_table(metrics: dict) -> str:
+    """scikit-learn's classification report as a table, the most misclassified classes in red."""
+
+    def scores(of: dict) -> list[str]:
+        return [f"{of[key]:.4f}" for key in ("precision", "recall", "f1")]
+
+    per_class = metrics["per_class"]
+    rows = [
+        [name, *scores(row), row["support"], row["errors"], f"{row['error_rate']:.2%}"]
+        for name, row in per_class.items()
+    ]
+    for label, key in (("macro avg", "macro_avg"), ("weighted avg", "weighted_avg")):
+        rows.append([label, *scores(metrics[key]), metrics["rows"], metrics["errors"], ""])
+    worst = {i for i, name in enumerate(per_class) if name in metrics["most_misclassified"]}
+    header = ["class", "precision", "recall", "F1", "support", "errors", "error rate"]
+    return _table(header, rows, worst)
+
+
+def _summary_table(metrics: dict, context: dict) -> str:
+    return _table(
+        None,
+        [
+            ["input", context["input"]],
+            ["rows", f"{metrics['rows']:,}"],
+            ["checkpoints", ", ".join(context["checkpoints"])],
+            ["test-time augmentation", "on" if context["tta"] else "off"],
+            ["submission", context.get("submission") or "none"],
+            ["leak guard", describe_seen(context["seen_in_training"])],
+            ["log loss", f"{metrics['log_loss']:.4f}"],
+            ["macro F1", f"{metrics['macro_avg']['f1']:.4f}"],
+        ],
+    )
+
+
 def render_html(metrics: dict, context: dict, fig_dir: Path) -> str:
     """One page with the figures embedded, so that the file alone tells the whole story."""
-    pc = metrics["per_class"]
-    worst = set(metrics["most_misclassified"])
-    class_rows = [
-        [name, f"{c['precision']:.4f}", f"{c['recall']:.4f}", f"{c['f1']:.4f}", c["support"],
-         c["errors"], f"{c['error_rate']:.2%}"]
-        for name, c in pc.items()
-    ]  # fmt: skip
-    for label, key in (("macro avg", "macro_avg"), ("weighted avg", "weighted_avg")):
-        a = metrics[key]
-        class_rows.append([label, f"{a['precision']:.4f}", f"{a['recall']:.4f}",
-                           f"{a['f1']:.4f}", metrics["rows"], metrics["errors"], ""])  # fmt: skip
-    pair_rows = [
+    name = html.escape(Path(context["input"]).name)
+    figures = {file: title for file, title in FIGURES if (fig_dir / file).is_file()}
+    pairs = [
         [p["true"], p["predicted"], p["count"], f"{p['share_of_true']:.2%}"]
         for p in metrics["confused_pairs"]
     ]
-    summary = [
-        ["input", context["input"]],
-        ["rows", f"{metrics['rows']:,}"],
-        ["checkpoints", ", ".join(context["checkpoints"])],
-        ["test-time augmentation", "on" if context["tta"] else "off"],
-        ["submission", context.get("submission") or "none"],
-        ["leak guard", describe_seen(context["seen_in_training"])],
-        ["log loss", f"{metrics['log_loss']:.4f}"],
-        ["macro F1", f"{metrics['macro_avg']['f1']:.4f}"],
-    ]
-    figures = {name: title for name, title in FIGURES if (fig_dir / name).is_file()}
     parts = [
-        f"<!doctype html><html><head><meta charset=utf-8><title>Evaluation: "
-        f"{html.escape(Path(context['input']).name)}</title><style>{_STYLE}</style></head><body>",
-        f"<h1>Evaluation of {html.escape(Path(context['input']).name)}</h1>",
+        f"<!doctype html><html><head><meta charset=utf-8><title>Evaluation: {name}</title>"
+        f"<style>{_STYLE}</style></head><body>",
+        f"<h1>Evaluation of {name}</h1>",
         f"<p><span class=big>{metrics['accuracy']:.2%}</span> accuracy: "
         f"{metrics['rows'] - metrics['errors']:,} of {metrics['rows']:,} right, "
         f"{metrics['errors']:,} wrong.</p>",
         _seen_warning(context["seen_in_training"]),
-        _table(None, summary),
+        _summary_table(metrics, context),
     ]
     if "confusion_matrix.png" in figures:
         parts += ["<h2>Confusion matrix</h2>", _figure(fig_dir / "confusion_matrix.png", "")]
@@ -255,22 +239,15 @@ def render_html(metrics: dict, context: dict, fig_dir: Path) -> str:
         "<h2>Per class</h2>",
         "<p class=muted>scikit-learn's classification report; the most misclassified classes "
         "in red.</p>",
-        _table(
-            ["class", "precision", "recall", "F1", "support", "errors", "error rate"],
-            class_rows,
-            {i for i, name in enumerate(pc) if name in worst},
-        ),
+        _per_class_table(metrics),
     ]
     if "per_class_errors.png" in figures:
         parts.append(_figure(fig_dir / "per_class_errors.png", "error rate per class"))
     parts.append("<h2>Most confused pairs</h2>")
-    parts.append(
-        _table(["true", "predicted", "count", "share of the true class"], pair_rows)
-        if pair_rows
-        else "<p>No mistakes.</p>"
-    )
-    for name in ("sample_predictions.png", "confident_mistakes.png"):
-        if name in figures:
-            parts += [f"<h2>{figures[name]}</h2>", _figure(fig_dir / name, figures[name])]
+    header = ["true", "predicted", "count", "share of the true class"]
+    parts.append(_table(header, pairs) if pairs else "<p>No mistakes.</p>")
+    for file in ("sample_predictions.png", "confident_mistakes.png"):
+        if file in figures:
+            parts += [f"<h2>{figures[file]}</h2>", _figure(fig_dir / file, figures[file])]
     parts.append(f"<p class=muted>{html.escape(context['footer'])}</p></body></html>")
     return "\n".join(parts)

@@ -6,6 +6,9 @@
 
 Writes models/best.pt (best validation accuracy) and models/last.pt every epoch, and
 outputs/history.csv, outputs/training_curves.png and outputs/metrics.json.
+
+Read top to bottom: the configuration (presets, `Config`, the command line), the data, the run
+(network, batches, optimization), its checkpoint state, the epoch loop, and the entry points.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import csv
 import io
 import sys
 import time
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -23,233 +27,494 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dataset
-import model as models
+import model
 from atomic import atomic_write, write_json
-from dataset import CLIParser, UserError
+from cli import CLIParser, UserError, run_cli, working_root
 
-# Settings every recipe shares; see docs/experiments.md for the experiments behind them.
-DEFAULTS = dict(
-    optimizer="adamw",
-    scheduler="onecycle",
-    label_smoothing=0.1,
-    val_split=0.1,
-    seed=0,
-)
-# The recipes `--preset` picks from, per task (dataset.task_of: the class names tell digits from
-# Fashion-MNIST). A flag given on the command line wins over its recipe's value.
-FAST = dict(arch="basic_bn", epochs=6, batch_size=256, lr=1e-2, augment=False)
+# ---------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What --preset chooses for a task: the network, the length and pace of training."""
+
+    arch: str
+    epochs: int
+    batch_size: int
+    lr: float
+    augment: bool
+
+
+# The recipes per preset and task (dataset.task_of: the class names tell digits from
+# Fashion-MNIST); docs/experiments.md holds the experiments behind them.
+FAST = Recipe(arch="basic_bn", epochs=6, batch_size=256, lr=1e-2, augment=False)
 PRESETS = {
     "best": {
-        "digits": dict(arch="strong", epochs=15, batch_size=128, lr=3e-3, augment=True),
-        "fashion": dict(arch="wide", epochs=20, batch_size=128, lr=3e-3, augment=True),
+        "digits": Recipe(arch="strong", epochs=15, batch_size=128, lr=3e-3, augment=True),
+        "fashion": Recipe(arch="wide", epochs=20, batch_size=128, lr=3e-3, augment=True),
     },
     "fast": {"digits": FAST, "fashion": FAST},
 }
-OPTIMIZERS = ("adam", "adamw", "sgd")
+DIGITS = PRESETS["best"]["digits"]
+# Each optimizer with the settings every recipe uses with it.
+OPTIMIZERS = {
+    "adamw": (torch.optim.AdamW, {"weight_decay": 0.01}),
+    "adam": (torch.optim.Adam, {}),
+    "sgd": (torch.optim.SGD, {"momentum": 0.9, "nesterov": True, "weight_decay": 5e-4}),
+}
 SCHEDULERS = ("onecycle", "cosine", "step", "plateau", "none")
-# Flags about how to run on this machine, which a resumed run takes from its command line.
-RESUME_OVERRIDES = ("device", "precision", "deterministic", "quiet", "no_plots")
+HERE = {"here": True}  # a setting of how to run on this machine: --resume takes it from its flags
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting of one training run. The defaults are what `python train.py` uses on
+    digits; the recipe fields (arch to augment) follow --preset and the task unless a flag gives
+    them. Saved in every checkpoint; --resume restores all but the fields marked HERE."""
+
+    train: str | None = None
+    test: str | None = None
+    max_rows: int | None = None
+    val_split: float = 0.1
+    seed: int = 0
+    preset: str = "best"
+    arch: str = DIGITS.arch
+    epochs: int = DIGITS.epochs
+    batch_size: int = DIGITS.batch_size
+    lr: float = DIGITS.lr
+    augment: bool = DIGITS.augment
+    optimizer: str = "adamw"
+    scheduler: str = "onecycle"
+    label_smoothing: float = 0.1
+    ensemble: int = 1
+    out_dir: str = field(default_factory=lambda: str(working_root() / "outputs"))
+    model_dir: str = field(default_factory=lambda: str(working_root() / "models"))
+    device: str | None = field(default=None, metadata=HERE)
+    precision: str = field(default_factory=model.default_precision, metadata=HERE)
+    deterministic: bool = field(default=False, metadata=HERE)
+    quiet: bool = field(default=False, metadata=HERE)
+    no_plots: bool = field(default=False, metadata=HERE)
+    resume: str | None = field(default=None, metadata=HERE)
+
+    @classmethod
+    def for_task(cls, flags: dict, task: str) -> Config:
+        """The flags given, with the rest of the recipe from their preset for this task."""
+        return cls(**{**asdict(PRESETS[flags["preset"]][task]), **flags})
+
+    @classmethod
+    def resumed(cls, saved: dict, flags: dict) -> Config:
+        """A saved run's settings (a setting older than the checkpoint gets its default), with
+        how to run here taken from this command line's flags."""
+        here = {f.name for f in fields(cls) if f.metadata == HERE}
+        kept = {f.name: saved[f.name] for f in fields(cls) if f.name in saved.keys() - here}
+        return cls(**kept, **{name: flags[name] for name in here})
+
+
+def recipe_default(name: str) -> str:
+    """What a recipe flag defaults to, per preset and task, for --help."""
+    values = []
+    for preset, by_task in PRESETS.items():
+        digits, fashion = getattr(by_task["digits"], name), getattr(by_task["fashion"], name)
+        values.append(
+            f"{preset}: {digits}" + ("" if digits == fashion else f", Fashion-MNIST {fashion}")
+        )
+    return "; ".join(values)
 
 
 def parse_args(argv: list[str] | None) -> dict:
+    """The command line as a dict of settings: all with their defaults, but the recipe flags
+    (--arch, --epochs, --batch-size, --lr, --augment) only when given."""
+    default = Config()
     p = CLIParser(description="Train a CNN on Kaggle's MNIST CSVs.")
-    p.add_argument("--train", help="training CSV (.csv, .csv.gz, .zip[::member]); None: found")
-    p.add_argument("--test", help="labelled test CSV, scored once at the end; None: found")
-    p.add_argument(
-        "--val-split", type=float, default=DEFAULTS["val_split"], help="validation share"
-    )
-    p.add_argument(
-        "--preset",
-        choices=PRESETS,
-        default="best",
-        help="recipe: best (most accurate, the default) or fast (shortest time to accuracy); "
-        "it sets --arch, --epochs, --batch-size, --lr and --augment per task unless given",
-    )
-    p.add_argument("--arch", help=f"one of {', '.join(models.ARCHITECTURES)}")
-    p.add_argument("--epochs", type=int, help="passes over the data")
-    p.add_argument("--batch-size", type=int, help="images a step")
-    p.add_argument("--lr", type=float, help="(peak) learning rate")
-    p.add_argument(
-        "--optimizer", choices=OPTIMIZERS, default=DEFAULTS["optimizer"], help="optimizer"
-    )
-    p.add_argument(
-        "--scheduler",
-        choices=SCHEDULERS,
-        default=DEFAULTS["scheduler"],
-        help="learning-rate schedule",
-    )
-    p.add_argument(
-        "--augment", action=argparse.BooleanOptionalAction, help="random distortions per batch"
-    )
-    p.add_argument(
-        "--label-smoothing", type=float, default=DEFAULTS["label_smoothing"], help="of the loss"
-    )
-    p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="split, init, shuffling")
-    p.add_argument(
+    data = p.add_argument_group("data")
+    data.add_argument("--train", help="training CSV (.csv, .csv.gz, .zip[::member]); None: found")
+    data.add_argument("--test", help="labelled test CSV, scored once at the end; None: found")
+    data.add_argument("--max-rows", type=int, help="use only the first N training rows")
+    data.add_argument("--val-split", type=float, default=default.val_split, help="validation share")
+    data.add_argument("--seed", type=int, default=default.seed, help="split, init, shuffling")
+    add_recipe_arguments(p.add_argument_group("recipe"), default)
+    run = p.add_argument_group("outputs and running")
+    run.add_argument(
         "--ensemble",
         type=int,
-        default=1,
+        default=default.ensemble,
         help="train N models with seeds SEED..SEED+N-1 into MODEL_DIR/seedK/ (predict.py "
         "averages them: --checkpoint MODEL_DIR/seed*/best.pt)",
     )
-    p.add_argument("--device", help="cpu, cuda or mps; None: the best available")
-    p.add_argument(
-        "--precision",
-        choices=models.PRECISIONS,
-        default=models.default_precision(),
-        help=models.PRECISION_HELP,
-    )
-    p.add_argument(
+    run.add_argument("--out-dir", default=default.out_dir, help="figures, history, metrics")
+    run.add_argument("--model-dir", default=default.model_dir, help="checkpoints")
+    model.add_device_arguments(run, default.precision)
+    run.add_argument(
         "--deterministic",
         action="store_true",
         help="deterministic algorithms only (torch.use_deterministic_algorithms)",
     )
-    work = dataset.working_root()
-    p.add_argument("--out-dir", default=str(work / "outputs"), help="figures, history, metrics")
-    p.add_argument("--model-dir", default=str(work / "models"), help="checkpoints")
-    p.add_argument("--resume", help="continue from this last.pt; its saved settings apply")
-    p.add_argument("--max-rows", type=int, help="use only the first N training rows")
-    p.add_argument("--no-plots", action="store_true", help="draw no figures")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--no-plots", action="store_true", help="draw no figures")
+    run.add_argument("--resume", help="continue from this last.pt; its saved settings apply")
     return vars(p.parse_args(argv))
 
 
-def check_config(cfg: dict) -> None:
-    """Reject settings that cannot train, one line each; recipe flags still unset pass."""
-    for key in ("epochs", "batch_size", "ensemble"):  # checkpoints older than --ensemble lack it
-        if cfg.get(key) is not None and cfg[key] < 1:
-            raise UserError(f"--{key.replace('_', '-')} {cfg[key]}: must be at least 1")
-    if cfg["lr"] is not None and not cfg["lr"] > 0:
-        raise UserError(f"--lr {cfg['lr']}: must be positive")
-    if not 0 <= cfg["label_smoothing"] < 1:
-        raise UserError(f"--label-smoothing {cfg['label_smoothing']}: must be in [0, 1)")
-    if cfg["max_rows"] is not None and cfg["max_rows"] < 20:
-        raise UserError(f"--max-rows {cfg['max_rows']}: must be at least 20")
-    if cfg["arch"] is not None:
-        models.require_arch(cfg["arch"])
-
-
-def with_recipe(cfg: dict, class_names) -> dict:
-    """`cfg` with each unset recipe flag taken from its preset's recipe for this task."""
-    recipe = PRESETS[cfg.get("preset", "best")][dataset.task_of(class_names)]
-    return {**cfg, **{key: value for key, value in recipe.items() if cfg.get(key) is None}}
-
-
-def make_optimizer(cfg: dict, net: nn.Module) -> torch.optim.Optimizer:
-    if cfg["optimizer"] == "sgd":
-        return torch.optim.SGD(
-            net.parameters(), lr=cfg["lr"], momentum=0.9, nesterov=True, weight_decay=5e-4
+def add_recipe_arguments(group, default: Config) -> None:
+    """--preset, the five flags it decides (absent unless given), and the rest of the recipe."""
+    group.add_argument(
+        "--preset",
+        choices=PRESETS,
+        default=default.preset,
+        help="best (most accurate) or fast (shortest time to accuracy); it sets --arch, "
+        "--epochs, --batch-size, --lr and --augment per task unless given",
+    )
+    for flag, kind, what in (
+        ("arch", str, ", ".join(model.ARCHITECTURES)),
+        ("epochs", int, "passes over the data"),
+        ("batch_size", int, "images a step"),
+        ("lr", float, "(peak) learning rate"),
+    ):
+        help_text = f"{what} (default: {recipe_default(flag)})"
+        group.add_argument(
+            f"--{flag.replace('_', '-')}", type=kind, default=argparse.SUPPRESS, help=help_text
         )
-    if cfg["optimizer"] == "adamw":
-        return torch.optim.AdamW(net.parameters(), lr=cfg["lr"], weight_decay=0.01)
-    return torch.optim.Adam(net.parameters(), lr=cfg["lr"])
+    group.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=argparse.SUPPRESS,
+        help=f"random distortions per batch (default: {recipe_default('augment')})",
+    )
+    settings = "; ".join(
+        f"{name}: {', '.join(f'{k} {v}' for k, v in kw.items()) or 'defaults'}"
+        for name, (_, kw) in OPTIMIZERS.items()
+    )
+    group.add_argument(
+        "--optimizer", choices=OPTIMIZERS, default=default.optimizer, help=f"with {settings}"
+    )
+    group.add_argument(
+        "--scheduler", choices=SCHEDULERS, default=default.scheduler, help="learning-rate schedule"
+    )
+    group.add_argument(
+        "--label-smoothing", type=float, default=default.label_smoothing, help="of the loss"
+    )
 
 
-def make_scheduler(cfg: dict, opt: torch.optim.Optimizer, steps_per_epoch: int):
-    """The schedule and whether it steps per batch (True) or per epoch (False)."""
-    total = cfg["epochs"] * steps_per_epoch
-    name = cfg["scheduler"]
-    if name == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(opt, cfg["lr"], total_steps=total), True
-    if name == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total), True
-    if name == "step":
-        step = max(1, cfg["epochs"] // 3)
-        return torch.optim.lr_scheduler.StepLR(opt, step_size=step, gamma=0.1), False
-    if name == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.3, patience=1), False
+def check_flags(flags: dict) -> None:
+    """Reject flags given that cannot train, one line each; a preset's values are valid as they
+    are, and --val-split is checked where the split is made."""
+    for key in ("epochs", "batch_size", "ensemble"):
+        if key in flags and flags[key] < 1:
+            raise UserError(f"--{key.replace('_', '-')} {flags[key]}: must be at least 1")
+    if "lr" in flags and not flags["lr"] > 0:
+        raise UserError(f"--lr {flags['lr']}: must be positive")
+    if not 0 <= flags["label_smoothing"] < 1:
+        raise UserError(f"--label-smoothing {flags['label_smoothing']}: must be in [0, 1)")
+    if flags["max_rows"] is not None and flags["max_rows"] < 20:
+        raise UserError(f"--max-rows {flags['max_rows']}: must be at least 20")
+    if "arch" in flags:
+        model.require_arch(flags["arch"])
+
+
+# ---------------------------------------------------------------- data
+
+
+@dataclass
+class Splits:
+    """A run's data: the training CSV as parsed, its rows split into training and validation,
+    and the labelled test set when there is one."""
+
+    parsed: dataset.CSVData
+    train: dataset.CSVData
+    val: dataset.CSVData
+    test: dataset.CSVData | None
+
+    @property
+    def task(self) -> str:
+        return dataset.task_of(self.parsed.class_names)
+
+    def seen_rows(self) -> dict[str, torch.Tensor]:
+        """The leak guard's fingerprint of the rows the run learns from: the pixel hashes of the
+        training and validation rows (8 bytes a row), which predict.py compares its input with."""
+        return {
+            name: torch.from_numpy(np.unique(dataset.row_hashes(part.images)).view(np.int64))
+            for name, part in (("train", self.train), ("val", self.val))
+        }
+
+
+def load_splits(settings: dict) -> Splits:
+    """The training CSV (given or found), its first `max_rows` rows split stratified, and the
+    test CSV (given, or found when the training CSV was) when it is labelled."""
+    train_source = settings["train"] or dataset.find_data("train")
+    test_source = settings["test"]
+    if test_source is None and settings["train"] is None:
+        test_source = dataset.find_data("test", announce=False)
+    parsed = dataset.load_csv(train_source)
+    if parsed.labels is None:
+        raise UserError(f"{parsed.source}: has no label column (training needs labelled rows)")
+    rows = slice(settings["max_rows"])
+    images, labels = parsed.images[rows], parsed.labels[rows]
+    train_rows, val_rows = dataset.stratified_split(labels, settings["val_split"], settings["seed"])
+    test = dataset.load_csv(test_source) if test_source else None
+
+    def part(which: np.ndarray) -> dataset.CSVData:
+        return dataset.CSVData(images[which], labels[which], parsed.layout, parsed.source)
+
+    labelled_test = test if test is not None and test.labels is not None else None
+    return Splits(parsed, part(train_rows), part(val_rows), labelled_test)
+
+
+# ---------------------------------------------------------------- the run
+
+
+def make_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, total_steps: int):
+    """The learning-rate schedule `cfg` names, and whether it steps per batch (else per epoch)."""
+    schedulers = torch.optim.lr_scheduler
+    if cfg.scheduler == "onecycle":
+        return schedulers.OneCycleLR(optimizer, cfg.lr, total_steps=total_steps), True
+    if cfg.scheduler == "cosine":
+        return schedulers.CosineAnnealingLR(optimizer, T_max=total_steps), True
+    if cfg.scheduler == "step":
+        return schedulers.StepLR(optimizer, step_size=max(1, cfg.epochs // 3), gamma=0.1), False
+    if cfg.scheduler == "plateau":
+        return schedulers.ReduceLROnPlateau(optimizer, factor=0.3, patience=1), False
     return None, False
 
 
-def evaluate(net, batches, precision, device) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy over all batches."""
-    net.eval()
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    with torch.no_grad(), precision.autocast(device):
-        for xb, yb in batches:
-            logits = net(xb).float()
-            loss_sum += F.cross_entropy(logits, yb, reduction="sum")
-            correct += (logits.argmax(1) == yb).sum()
-    n = len(batches.x)
-    return loss_sum.item() / n, correct.item() / n
+@dataclass
+class Optimization:
+    """The optimizer, its learning-rate schedule and (with fp16) the loss scaler: `step(loss)`
+    once a batch, `end_epoch(val_loss)` once an epoch."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    schedule_per_batch: bool
+    scaler: torch.amp.GradScaler | None
+
+    @classmethod
+    def create(cls, cfg: Config, net: nn.Module, steps_per_epoch: int, fp16: bool) -> Optimization:
+        """The optimizer and schedule `cfg` names for `net`; a loss scaler for fp16."""
+        kind, settings = OPTIMIZERS[cfg.optimizer]
+        optimizer = kind(net.parameters(), lr=cfg.lr, **settings)
+        scheduler, per_batch = make_scheduler(cfg, optimizer, cfg.epochs * steps_per_epoch)
+        device_type = next(net.parameters()).device.type
+        scaler = torch.amp.GradScaler(device_type) if fp16 else None
+        return cls(optimizer, scheduler, per_batch, scaler)
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def step(self, loss: torch.Tensor) -> None:
+        """Backward and one optimizer step; a per-batch schedule steps unless the loss scaler
+        skipped the step (an fp16 overflow, which it answers by lowering its scale)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is None:
+            loss.backward()
+            self.optimizer.step()
+            stepped = True
+        else:
+            scale = self.scaler.get_scale()
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            stepped = self.scaler.get_scale() >= scale
+        if self.scheduler is not None and self.schedule_per_batch and stepped:
+            self.scheduler.step()
+
+    def end_epoch(self, val_loss: float) -> None:
+        """Step a per-epoch schedule; the plateau schedule watches the validation loss."""
+        if self.scheduler is None or self.schedule_per_batch:
+            return
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step(val_loss)
+        else:
+            self.scheduler.step()
 
 
-def train_epoch(net, batches, opt, sched, per_batch, scaler, precision, device, cfg, bar_desc):
-    """One pass over the shuffled, augmented training batches; mean loss and accuracy."""
+@dataclass
+class Run:
+    """One training run in progress: its settings, network, batches, optimization and record."""
+
+    cfg: Config
+    precision: model.Precision
+    net: nn.Module
+    augment: dataset.Augment | None
+    train_batches: dataset.DeviceBatches
+    val_batches: dataset.DeviceBatches
+    optimization: Optimization
+    checkpoint_meta: dict  # what every checkpoint holds besides weights and progress
+    history: list[dict] = field(default_factory=list)
+    best_val_acc: float = -1.0
+    epoch: int = 0  # the last finished epoch
+    train_seconds: float = 0.0  # spent in training epochs by this process
+    epochs_here: int = 0  # epochs trained by this process (a resumed run counts its own)
+
+    @property
+    def device(self) -> torch.device:
+        return self.train_batches.device
+
+
+def build_run(cfg: Config, splits: Splits, device: torch.device, precision: model.Precision) -> Run:
+    """A freshly initialised network (seeded), the batches on the device, the optimization."""
+    mean, std = dataset.pixel_stats(splits.train.images)
+    augment = dataset.Augment.for_classes(splits.parsed.class_names) if cfg.augment else None
+    torch.manual_seed(cfg.seed)
+    num_classes = len(splits.parsed.class_names)
+    net = precision.place(model.build(cfg.arch, num_classes=num_classes), device)
+    normalize = dataset.Normalize(mean, std, precision.channels_last)
+    train = splits.train
+    train_batches = dataset.DeviceBatches(
+        train.images, train.labels, cfg.batch_size, device, normalize, cfg.seed, augment
+    )
+    val_batches = dataset.DeviceBatches(
+        splits.val.images, splits.val.labels, dataset.EVAL_BATCH_SIZE, device, normalize
+    )
+    optimization = Optimization.create(cfg, net, len(train_batches), precision.grad_scaler)
+    meta = {
+        "arch": cfg.arch,
+        "arch_kwargs": {"num_classes": num_classes},
+        "mean": mean,
+        "std": std,
+        "class_names": list(splits.parsed.class_names),
+        "seen_rows": splits.seen_rows(),
+        "config": asdict(cfg),
+        "versions": model.library_versions(),
+    }
+    return Run(cfg, precision, net, augment, train_batches, val_batches, optimization, meta)
+
+
+# ---------------------------------------------------------------- checkpoint state
+
+
+def training_state(run: Run) -> dict:
+    """What last.pt holds besides the weights, so that --resume continues exactly where the run
+    stopped; restore_training_state, below, reads back every key."""
+    opt = run.optimization
+    rng = {"torch": torch.get_rng_state(), "batches": run.train_batches.generator.get_state()}
+    if run.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(run.device)
+    return {
+        "optimizer": opt.optimizer.state_dict(),
+        "scheduler": None if opt.scheduler is None else opt.scheduler.state_dict(),
+        "scaler": None if opt.scaler is None else opt.scaler.state_dict(),
+        "rng": rng,
+        "history": run.history,
+        "best_val_acc": run.best_val_acc,
+    }
+
+
+def restore_training_state(run: Run, last: dict) -> None:
+    """Put back what training_state saved, and the weights and epoch of that last.pt."""
+    opt = run.optimization
+    run.net.load_state_dict(last["state_dict"])
+    opt.optimizer.load_state_dict(last["optimizer"])
+    if opt.scheduler is not None:
+        opt.scheduler.load_state_dict(last["scheduler"])
+    if opt.scaler is not None and last["scaler"]:
+        opt.scaler.load_state_dict(last["scaler"])
+    torch.set_rng_state(last["rng"]["torch"])
+    run.train_batches.generator.set_state(last["rng"]["batches"])
+    if run.device.type == "cuda" and "cuda" in last["rng"]:
+        torch.cuda.set_rng_state(last["rng"]["cuda"], run.device)
+    run.history, run.best_val_acc, run.epoch = last["history"], last["best_val_acc"], last["epoch"]
+
+
+def save_checkpoints(run: Run, row: dict) -> None:
+    """last.pt every epoch; best.pt when validation accuracy beats every earlier epoch."""
+    model_dir = Path(run.cfg.model_dir)
+    state = {**run.checkpoint_meta, "state_dict": run.net.state_dict(), "epoch": run.epoch}
+    state["metrics"] = row
+    if row["val_acc"] > run.best_val_acc:
+        run.best_val_acc = row["val_acc"]
+        model.save_checkpoint(model_dir / "best.pt", state)
+    model.save_checkpoint(model_dir / "last.pt", {**state, **training_state(run)})
+
+
+# ---------------------------------------------------------------- the epoch loop
+
+
+def train_epoch(
+    net: nn.Module,
+    batches: dataset.DeviceBatches,
+    optimization: Optimization,
+    precision: model.Precision,
+    label_smoothing: float,
+    progress: str | None,
+) -> tuple[float, float]:
+    """One pass over the shuffled (and augmented) training batches: mean loss and accuracy.
+    `progress` labels a live progress bar; None shows none."""
     from tqdm import tqdm
 
     net.train()
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
+    loss_sum = torch.zeros((), device=batches.device)
+    correct = torch.zeros((), device=batches.device, dtype=torch.long)
     seen = 0
-    show = not cfg["quiet"] and sys.stderr.isatty()
-    bar = tqdm(batches, desc=bar_desc, leave=False, disable=not show, unit="batch")
+    bar = tqdm(batches, desc=progress, leave=False, disable=progress is None, unit="batch")
     for i, (xb, yb) in enumerate(bar):
-        with precision.autocast(device):
+        with precision.autocast(batches.device):
             logits = net(xb)
-        loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg["label_smoothing"])
-        opt.zero_grad(set_to_none=True)
-        stepped = True
-        if scaler is not None:
-            scale = scaler.get_scale()
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            stepped = scaler.get_scale() >= scale  # a lowered scale: overflow, step skipped
-        else:
-            loss.backward()
-            opt.step()
-        if per_batch and stepped:
-            sched.step()
+        loss = F.cross_entropy(logits.float(), yb, label_smoothing=label_smoothing)
+        optimization.step(loss)
         loss_sum += loss.detach() * len(yb)
         correct += (logits.argmax(1) == yb).sum()
         seen += len(yb)
-        if show and i % 20 == 0:
+        if progress is not None and i % 20 == 0:
             bar.set_postfix(
                 loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.2%}"
             )
     return loss_sum.item() / seen, correct.item() / seen
 
 
-def load_split(cfg: dict) -> dict:
-    """Train/validation tensors (and the test set when labelled test data is known)."""
-    explicit = cfg["train"] is not None
-    train_src = cfg["train"] or dataset.find_data("train")
-    test_src = cfg["test"] or (None if explicit else dataset.find_data("test", announce=False))
-    data = dataset.load_csv(train_src)
-    if data.labels is None:
-        raise UserError(f"{data.source}: has no label column (training needs labelled rows)")
-    images, labels = data.images, data.labels
-    if cfg["max_rows"]:
-        images, labels = images[: cfg["max_rows"]], labels[: cfg["max_rows"]]
-    tr, va = dataset.stratified_split(labels, cfg["val_split"], cfg["seed"])
-    test = dataset.load_csv(test_src) if test_src else None
-    if test is not None and test.labels is None:
-        test = None  # unlabelled test data is for predict.py
-    return {
-        "data": data,
-        "train": (images[tr], labels[tr]),
-        "val": (images[va], labels[va]),
-        "test": test,
-    }
+def score(
+    net: nn.Module, batches: dataset.DeviceBatches, precision: model.Precision
+) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of `net` over all batches, in eval mode, no gradients."""
+    net.eval()
+    loss_sum = torch.zeros((), device=batches.device)
+    correct = torch.zeros((), device=batches.device, dtype=torch.long)
+    with torch.no_grad(), precision.autocast(batches.device):
+        for xb, yb in batches:
+            logits = net(xb).float()
+            loss_sum += F.cross_entropy(logits, yb, reduction="sum")
+            correct += (logits.argmax(1) == yb).sum()
+    return loss_sum.item() / len(batches.x), correct.item() / len(batches.x)
 
 
-def rng_states(device: torch.device, batches: dataset.DeviceBatches) -> dict:
-    """Every random stream a resumed run must continue: global CPU (and CUDA), and the batches'."""
-    states = {"torch": torch.get_rng_state(), "batches": batches.generator.get_state()}
-    if device.type == "cuda":
-        states["cuda"] = torch.cuda.get_rng_state(device)
-    return states
-
-
-def seen_rows(split: dict) -> dict[str, torch.Tensor]:
-    """The leak guard's fingerprint of the rows a run learns from: the pixel hashes of its
-    training and validation rows (8 bytes a row), which predict.py compares its input against."""
-    return {
-        name: torch.from_numpy(np.unique(dataset.row_hashes(split[name][0])).view(np.int64))
-        for name in ("train", "val")
-    }
+def fit(run: Run) -> None:
+    """The epochs left: train, validate, schedule, then checkpoint, record and print each."""
+    cfg = run.cfg
+    show = not cfg.quiet and sys.stderr.isatty()
+    for epoch in range(run.epoch + 1, cfg.epochs + 1):
+        started = time.perf_counter()
+        progress = f"epoch {epoch}/{cfg.epochs}" if show else None
+        train_loss, train_acc = train_epoch(
+            run.net,
+            run.train_batches,
+            run.optimization,
+            run.precision,
+            cfg.label_smoothing,
+            progress,
+        )
+        run.train_seconds += time.perf_counter() - started
+        run.epochs_here += 1
+        val_loss, val_acc = score(run.net, run.val_batches, run.precision)
+        lr = run.optimization.lr
+        run.optimization.end_epoch(val_loss)
+        seconds = time.perf_counter() - started
+        row = {
+            "epoch": epoch,
+            "train_loss": round(train_loss, 5),
+            "train_acc": round(train_acc, 5),
+            "val_loss": round(val_loss, 5),
+            "val_acc": round(val_acc, 5),
+            "lr": lr,
+            "seconds": round(seconds, 2),
+        }
+        run.history.append(row)
+        run.epoch = epoch
+        save_checkpoints(run, row)
+        write_history(Path(cfg.out_dir) / "history.csv", run.history)
+        print(
+            f"epoch {epoch:>3}/{cfg.epochs}  train loss {train_loss:.4f} acc {train_acc:6.2%}  "
+            f"val loss {val_loss:.4f} acc {val_acc:6.2%}  lr {lr:.2e}  {seconds:5.1f}s",
+            flush=True,
+        )
 
 
 def write_history(path: Path, history: list[dict]) -> None:
@@ -261,189 +526,131 @@ def write_history(path: Path, history: list[dict]) -> None:
         f.write(buf.getvalue())
 
 
-def train(cfg: dict, resume: dict | None = None) -> dict:
-    """Run (or continue) one training run; return its summary."""
-    t_start = time.perf_counter()
-    check_config(cfg)
-    device = models.pick_device(cfg["device"])
-    if device.type == "cpu":
-        models.keep_freed_memory()
-    precision = models.precision_for(device, cfg["precision"])
-    split = load_split(cfg)
-    data = split["data"]
-    cfg = with_recipe(cfg, data.class_names)
-    check_config(cfg)
-    out_dir, model_dir = Path(cfg["out_dir"]), Path(cfg["model_dir"])
-    mean, std = dataset.pixel_stats(split["train"][0])
-    policy = dataset.Augment.for_classes(data.class_names) if cfg["augment"] else None
+# ---------------------------------------------------------------- after the epochs
 
-    torch.manual_seed(cfg["seed"])
-    net = precision.place(models.build(cfg["arch"], num_classes=len(data.class_names)), device)
-    common = dict(device=device, mean=mean, std=std, channels_last=precision.channels_last)
-    train_batches = dataset.DeviceBatches(
-        *split["train"],
-        cfg["batch_size"],
-        shuffle=True,
-        augment=policy,
-        seed=cfg["seed"],
-        drop_last=len(split["train"][0]) > cfg["batch_size"],
-        **common,
+
+def score_test(run: Run, best: dict, test: dataset.CSVData) -> dict:
+    """best.pt scored once on the labelled test set."""
+    net = run.precision.place(model.model_from_checkpoint(best), run.device)
+    batches = dataset.DeviceBatches(
+        test.images, test.labels, dataset.EVAL_BATCH_SIZE, run.device, run.val_batches.normalize
     )
-    val_batches = dataset.DeviceBatches(*split["val"], 1024, **common)
-    opt = make_optimizer(cfg, net)
-    sched, per_batch = make_scheduler(cfg, opt, len(train_batches))
-    scaler = torch.amp.GradScaler(device.type) if precision.grad_scaler else None
-    history, best_acc, start = [], -1.0, 1
-    if resume is not None:
-        net.load_state_dict(resume["state_dict"])
-        opt.load_state_dict(resume["optimizer"])
-        if sched is not None:
-            sched.load_state_dict(resume["scheduler"])
-        if scaler is not None and resume["scaler"]:
-            scaler.load_state_dict(resume["scaler"])
-        torch.set_rng_state(resume["rng"]["torch"])
-        if device.type == "cuda" and "cuda" in resume["rng"]:
-            torch.cuda.set_rng_state(resume["rng"]["cuda"], device)
-        train_batches.generator.set_state(resume["rng"]["batches"])
-        history, best_acc, start = resume["history"], resume["best_val_acc"], resume["epoch"] + 1
+    loss, acc = score(net, batches, run.precision)
+    print(f"test accuracy {acc:.2%} on {len(test):,} images from {test.source}")
+    return {"test_loss": loss, "test_acc": acc, "test_source": test.source}
 
-    print(
-        f"training {cfg['arch']} (--preset {cfg.get('preset', 'best')}, "
-        f"{dataset.task_of(data.class_names)}) on {len(split['train'][0]):,} images "
-        f"({len(split['val'][0]):,} for validation) from {data.source}; "
-        f"{device.type}, {precision.describe()}"
-    )
-    if not cfg["no_plots"] and resume is None:
-        import plots
 
-        plots.exploration_figures(data, policy, out_dir)
+def curves_caption(run: Run) -> str:
+    """How the training metrics were measured, for the curves' title."""
+    measured = ["augmented batches"] if run.augment else []
+    if any(isinstance(m, nn.Dropout | nn.Dropout2d) for m in run.net.modules()):
+        measured.append("dropout on")
+    if run.cfg.label_smoothing:
+        measured.append("label-smoothed loss")
+    return ", ".join(measured) or "as in evaluation"
 
-    meta = {
-        "arch": cfg["arch"],
-        "arch_kwargs": {"num_classes": len(data.class_names)},
-        "mean": mean,
-        "std": std,
-        "class_names": list(data.class_names),
-        "seen_rows": seen_rows(split),
-        "config": cfg,
-        "versions": models.library_versions(),
-    }
-    train_seconds = 0.0
-    for epoch in range(start, cfg["epochs"] + 1):
-        t0 = time.perf_counter()
-        tr_loss, tr_acc = train_epoch(
-            net, train_batches, opt, sched, per_batch, scaler, precision, device, cfg,
-            f"epoch {epoch}/{cfg['epochs']}",
-        )  # fmt: skip
-        train_seconds += time.perf_counter() - t0
-        va_loss, va_acc = evaluate(net, val_batches, precision, device)
-        lr = opt.param_groups[0]["lr"]
-        if sched is not None and not per_batch:
-            sched.step(va_loss) if cfg["scheduler"] == "plateau" else sched.step()
-        seconds = time.perf_counter() - t0
-        row = dict(epoch=epoch, train_loss=round(tr_loss, 5), train_acc=round(tr_acc, 5),
-                   val_loss=round(va_loss, 5), val_acc=round(va_acc, 5), lr=lr,
-                   seconds=round(seconds, 2))  # fmt: skip
-        history.append(row)
-        state = {**meta, "state_dict": net.state_dict(), "epoch": epoch, "metrics": row}
-        if va_acc > best_acc:
-            best_acc = va_acc
-            models.save_checkpoint(model_dir / "best.pt", state)
-        models.save_checkpoint(
-            model_dir / "last.pt",
-            {
-                **state,
-                "optimizer": opt.state_dict(),
-                "scheduler": None if sched is None else sched.state_dict(),
-                "scaler": None if scaler is None else scaler.state_dict(),
-                "rng": rng_states(device, train_batches),
-                "history": history,
-                "best_val_acc": best_acc,
-            },
-        )
-        write_history(out_dir / "history.csv", history)
-        print(
-            f"epoch {epoch:>3}/{cfg['epochs']}  train loss {tr_loss:.4f} acc {tr_acc:6.2%}  "
-            f"val loss {va_loss:.4f} acc {va_acc:6.2%}  lr {lr:.2e}  {seconds:5.1f}s",
-            flush=True,
-        )
 
-    best = models.load_checkpoint(model_dir / "best.pt")
+def finish(run: Run, splits: Splits, started: float) -> dict:
+    """The test score of best.pt, metrics.json and the training curves; the run's summary."""
+    cfg = run.cfg
+    best = model.load_checkpoint(Path(cfg.model_dir) / "best.pt")
+    images_per_s = len(splits.train) * run.epochs_here / max(run.train_seconds, 1e-9)
     summary = {
         "best_epoch": best["epoch"],
         "best_val_acc": best["metrics"]["val_acc"],
-        "train_images_per_s": round(len(split["train"][0]) * (cfg["epochs"] - start + 1)
-                                    / max(train_seconds, 1e-9)),
-        "train_images": len(split["train"][0]),
-        "train_source": data.source,
-    }  # fmt: skip
-    if split["test"] is not None:
-        test_net = precision.place(models.model_from_checkpoint(best), device)
-        test = split["test"]
-        test_batches = dataset.DeviceBatches(test.images, test.labels, 1024, **common)
-        summary["test_loss"], summary["test_acc"] = evaluate(
-            test_net, test_batches, precision, device
-        )
-        summary["test_source"] = test.source
-        print(f"test accuracy {summary['test_acc']:.2%} on {len(test):,} images from {test.source}")
-    summary["wall_seconds"] = round(time.perf_counter() - t_start, 1)
-    write_json(out_dir / "metrics.json", {**summary, "config": cfg, "versions": meta["versions"]})
-    if not cfg["no_plots"]:
+        "train_images_per_s": round(images_per_s),
+        "train_images": len(splits.train),
+        "train_source": splits.parsed.source,
+    }
+    if splits.test is not None:
+        summary.update(score_test(run, best, splits.test))
+    summary["wall_seconds"] = round(time.perf_counter() - started, 1)
+    versions = run.checkpoint_meta["versions"]
+    write_json(
+        Path(cfg.out_dir) / "metrics.json", {**summary, "config": asdict(cfg), "versions": versions}
+    )
+    if not cfg.no_plots:
         import plots
 
-        measured = ["augmented batches"] if policy else []
-        measured.append("dropout on")
-        if cfg["label_smoothing"]:
-            measured.append("label-smoothed loss")
-        plots.training_curves(history, out_dir / "training_curves.png", ", ".join(measured))
+        plots.training_curves(
+            run.history, Path(cfg.out_dir) / "training_curves.png", curves_caption(run)
+        )
     print(
         f"best validation accuracy {summary['best_val_acc']:.2%} at epoch {summary['best_epoch']} "
-        f"-> {model_dir / 'best.pt'}; {summary['train_images_per_s']:,} training images/s"
+        f"-> {Path(cfg.model_dir) / 'best.pt'}; {summary['train_images_per_s']:,} training images/s"
     )
     return summary
 
 
-def train_ensemble(cfg: dict) -> dict:
-    """Train `ensemble` models, each with its own seed (split, init, order), each in its own
-    folder; return their summaries."""
-    check_config(cfg)
-    members = []
-    for seed in range(cfg["seed"], cfg["seed"] + cfg["ensemble"]):
-        member = f"seed{seed}"
-        print(f"ensemble member {seed - cfg['seed'] + 1}/{cfg['ensemble']}: {member}")
-        members.append(train({
-            **cfg, "seed": seed, "ensemble": 1,
-            "model_dir": str(Path(cfg["model_dir"]) / member),
-            "out_dir": str(Path(cfg["out_dir"]) / member),
-        }))  # fmt: skip
-    checkpoints = " ".join(str(Path(cfg["model_dir"]) / f"seed{s}" / "best.pt")
-                           for s in range(cfg["seed"], cfg["seed"] + cfg["ensemble"]))  # fmt: skip
+# ---------------------------------------------------------------- entry points
+
+
+def train(flags: dict, resume: dict | None = None) -> dict:
+    """One training run from its settings (`flags`, checked), or the continuation of `resume`,
+    a last.pt whose settings `flags` then holds. Returns the run's summary."""
+    started = time.perf_counter()
+    device, precision = model.setup_device(flags["device"], flags["precision"])
+    splits = load_splits(flags)
+    cfg = Config.for_task(flags, splits.task)
+    run = build_run(cfg, splits, device, precision)
+    if resume is not None:
+        restore_training_state(run, resume)
     print(
-        f"ensemble of {cfg['ensemble']}; predict with: python predict.py --checkpoint {checkpoints}"
+        f"training {cfg.arch} (--preset {cfg.preset}, {splits.task}) on {len(splits.train):,} "
+        f"images ({len(splits.val):,} for validation) from {splits.parsed.source}; "
+        f"{device.type}, {precision.describe()}"
     )
+    if not cfg.no_plots and resume is None:
+        import plots
+
+        plots.exploration_figures(splits.parsed, run.augment, Path(cfg.out_dir))
+    fit(run)
+    return finish(run, splits, started)
+
+
+def member_dir(root: str | Path, seed: int) -> Path:
+    """Where an ensemble member of this seed writes, inside `root`."""
+    return Path(root) / f"seed{seed}"
+
+
+def train_ensemble(flags: dict) -> dict:
+    """`ensemble` runs, each with its own seed (split, init, order) and folders."""
+    seeds = range(flags["seed"], flags["seed"] + flags["ensemble"])
+    members = []
+    for k, seed in enumerate(seeds, 1):
+        print(f"ensemble member {k}/{len(seeds)}: {member_dir(flags['model_dir'], seed)}")
+        member = {"seed": seed, "ensemble": 1}
+        member |= {key: str(member_dir(flags[key], seed)) for key in ("model_dir", "out_dir")}
+        members.append(train({**flags, **member}))
+    checkpoints = " ".join(str(member_dir(flags["model_dir"], s) / "best.pt") for s in seeds)
+    print(f"ensemble of {len(seeds)}; predict with: python predict.py --checkpoint {checkpoints}")
     return {"members": members}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    cfg = parse_args(argv)
-    with models.deterministic_algorithms(cfg["deterministic"]):
-        return run(cfg)
-
-
-def run(cfg: dict) -> dict:
-    """A new run, an ensemble, or the continuation of `--resume`."""
-    if cfg["resume"] is None:
-        return train(cfg) if cfg["ensemble"] == 1 else train_ensemble(cfg)
-    ckpt = models.load_checkpoint(cfg["resume"])
-    if "optimizer" not in ckpt or "rng" not in ckpt:
-        raise UserError(f"{cfg['resume']}: not resumable (resume from last.pt, not best.pt)")
-    models.model_from_checkpoint(ckpt, cfg["resume"])  # incompatible weights fail here, at once
-    saved = {**ckpt["config"], **{k: cfg[k] for k in RESUME_OVERRIDES}, "resume": cfg["resume"]}
-    if ckpt["epoch"] >= saved["epochs"]:
-        print(f"{cfg['resume']}: training already finished ({ckpt['epoch']} epochs)")
+def resume_run(flags: dict) -> dict:
+    """Continue the run a last.pt saved, with its settings and this command line's way of
+    running (device, precision, output)."""
+    last = model.load_checkpoint(flags["resume"])
+    if "optimizer" not in last or "rng" not in last:
+        raise UserError(f"{flags['resume']}: not resumable (resume from last.pt, not best.pt)")
+    model.model_from_checkpoint(last, flags["resume"])  # incompatible weights fail here, at once
+    cfg = Config.resumed(last["config"], flags)
+    if last["epoch"] >= cfg.epochs:
+        print(f"{flags['resume']}: training already finished ({last['epoch']} epochs)")
         return {}
-    return train(saved, resume=ckpt)
+    return train(asdict(cfg), resume=last)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    flags = parse_args(argv)
+    check_flags(flags)
+    with model.deterministic_algorithms(flags["deterministic"]):
+        if flags["resume"] is not None:
+            return resume_run(flags)
+        if flags["ensemble"] > 1:
+            return train_ensemble(flags)
+        return train(flags)
 
 
 if __name__ == "__main__":
-    dataset.run_cli(main)
+    run_cli(main)

@@ -20,7 +20,7 @@ from pathlib import Path
 KAGGLE_DIR = Path(__file__).resolve().parent
 ROOT = KAGGLE_DIR.parent
 NOTEBOOK = KAGGLE_DIR / "mnist-csv-pipeline.ipynb"
-MODULES = ("atomic.py", "dataset.py", "model.py", "plots.py", "report.py", "train.py", "predict.py")
+MODULES = tuple(sorted(path.name for path in ROOT.glob("*.py")))  # every top-level module
 
 INTRO = """\
 # MNIST CSV pipeline

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import dataset
 
-import dataset  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
@@ -29,6 +27,14 @@ def csv_text(table: np.ndarray, header: tuple[str, ...] | None) -> str:
     lines = [] if header is None else [",".join(header)]
     lines += [",".join(map(str, row)) for row in table]
     return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def session_cache(tmp_path_factory):
+    """Module and session fixtures parse into a cache of the test run, never the project's."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MNIST_CACHE_DIR", str(tmp_path_factory.mktemp("session-cache")))
+        yield
 
 
 @pytest.fixture(autouse=True)

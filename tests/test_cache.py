@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import zipfile
 
 import numpy as np
 import pytest
-from conftest import make_table
+from conftest import csv_text, make_table
 
 import dataset
+from cli import UserError
 
 
 def _forbid_parsing(monkeypatch):
@@ -26,7 +28,7 @@ def test_repeat_load_comes_from_the_cache(write_csv, monkeypatch):
     again = dataset.load_csv(path)
     np.testing.assert_array_equal(again.images, first.images)
     np.testing.assert_array_equal(again.labels, table[:, 0])
-    assert again.layout == first.layout and again.source == first.source
+    assert (again.layout, again.source) == (first.layout, first.source)
 
 
 def test_unlabelled_data_round_trips_through_the_cache(write_csv, monkeypatch):
@@ -34,7 +36,7 @@ def test_unlabelled_data_round_trips_through_the_cache(write_csv, monkeypatch):
     first = dataset.load_csv(path)
     _forbid_parsing(monkeypatch)
     again = dataset.load_csv(path)
-    assert again.labels is None and again.layout == "digit-recognizer-test"
+    assert (again.labels, again.layout) == (None, "digit-recognizer-test")
     np.testing.assert_array_equal(again.images, first.images)
 
 
@@ -55,8 +57,8 @@ def test_a_damaged_cache_entry_is_replaced(write_csv):
     (entry,) = dataset.cache_dir().glob("*.npz")
     entry.write_bytes(b"garbage")
     np.testing.assert_array_equal(dataset.load_csv(path).labels, table[:, 0])
-    with np.load(entry) as z:
-        assert z["images"].shape == (8, 28, 28)
+    with np.load(entry) as cached:
+        assert cached["images"].shape == (8, 28, 28)
 
 
 def test_a_failed_cache_write_leaves_no_partial_file(write_csv, monkeypatch):
@@ -73,10 +75,28 @@ def test_a_failed_cache_write_leaves_no_partial_file(write_csv, monkeypatch):
 
 def test_cache_off_never_writes(write_csv):
     dataset.load_csv(write_csv("c.csv", make_table(3)), cache=False)
-    assert not dataset.cache_dir().exists() or not any(dataset.cache_dir().iterdir())
+    assert list(dataset.cache_dir().glob("*")) == []
 
 
 def test_bad_input_is_reported_through_the_cache_too(tmp_path):
     (tmp_path / "e.csv").write_text("")
-    with pytest.raises(dataset.UserError, match="empty file"):
+    with pytest.raises(UserError, match="empty file"):
         dataset.load_csv(tmp_path / "e.csv")
+
+
+def test_a_cached_load_names_the_file_as_its_caller_does(write_csv, tmp_path, monkeypatch):
+    path = write_csv("c.csv", make_table(3))
+    monkeypatch.chdir(tmp_path)
+    assert dataset.load_csv("c.csv").source == "c.csv"
+    _forbid_parsing(monkeypatch)
+    assert dataset.load_csv(path).source == str(path)
+
+
+def test_a_cached_zip_member_keeps_its_member_name(tmp_path, monkeypatch):
+    header = dataset.LAYOUTS["mnist-in-csv"][0]
+    with zipfile.ZipFile(tmp_path / "a.zip", "w") as zf:
+        zf.writestr("mnist_train.csv", csv_text(make_table(3), header))
+    monkeypatch.chdir(tmp_path)
+    dataset.load_csv("a.zip")
+    _forbid_parsing(monkeypatch)
+    assert dataset.load_csv(tmp_path / "a.zip").source == f"{tmp_path / 'a.zip'}::mnist_train.csv"

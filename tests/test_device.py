@@ -11,10 +11,10 @@ import pytest
 import torch
 from conftest import ROOT
 
-import dataset
-import model as models
+import model
 import predict
 import train
+from cli import UserError, run_cli
 
 # torch.cuda.get_arch_list() of Kaggle's torch 2.10.0+cu128 (Kaggle/docker-python#1546)
 KAGGLE_ARCHS = ["sm_70", "sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]
@@ -50,20 +50,30 @@ def fake_gpu(monkeypatch):
     return install
 
 
-def test_a_gpu_without_kernels_in_this_build_falls_back_to_the_cpu_with_one_line(fake_gpu, capsys):
+def test_a_gpu_without_kernels_in_this_build_falls_back_to_the_cpu(fake_gpu):
     fake_gpu(*P100)
-    assert models.pick_device() == torch.device("cpu")
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("note: not using the GPU: Tesla P100")
-    assert "(sm_60) is not supported" in err and "sm_70 sm_75" in err and "NvidiaTeslaT4" in err
-    with pytest.raises(dataset.UserError, match=r"--device cuda: Tesla P100-PCIE-16GB \(sm_60\)"):
-        models.pick_device("cuda")
+    assert model.pick_device() == torch.device("cpu")
+
+
+def test_the_fallback_says_why_in_one_line(fake_gpu, capsys):
+    fake_gpu(*P100)
+    model.pick_device()
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("note: not using the GPU: Tesla P100-PCIE-16GB (sm_60) is not supported")
+    assert "(it has kernels for sm_70 sm_75 sm_80 sm_86 sm_90 sm_100 sm_120)" in line
+    assert line.endswith('pick the T4 x2 accelerator: "machine_shape": "NvidiaTeslaT4")')
+
+
+def test_forcing_a_gpu_without_kernels_is_a_user_error(fake_gpu):
+    fake_gpu(*P100)
+    with pytest.raises(UserError, match=r"--device cuda: Tesla P100-PCIE-16GB \(sm_60\)"):
+        model.pick_device("cuda")
 
 
 def test_forcing_a_missing_device_is_a_user_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(dataset.UserError, match="--device cuda: not available"):
-        models.pick_device("cuda")
+    with pytest.raises(UserError, match="--device cuda: not available"):
+        model.pick_device("cuda")
 
 
 def test_python_c_with_faked_cuda_queries_shows_the_fallback_line():
@@ -83,15 +93,16 @@ def test_a_supported_gpu_is_used_in_the_precision_it_computes_natively(
     fake_gpu, capsys, gpu, dtype, grad_scaler
 ):
     fake_gpu(*gpu)
-    device = models.pick_device()
-    assert device == torch.device("cuda") and capsys.readouterr().err == ""
-    precision = models.precision_for(device)
+    device = model.pick_device()
+    assert device == torch.device("cuda")
+    assert capsys.readouterr().err == ""
+    precision = model.precision_for(device)
     assert (precision.dtype, precision.grad_scaler, precision.channels_last) == (
         dtype,
         grad_scaler,
         True,
     )
-    assert models.precision_for(device, "fp32").dtype is None
+    assert model.precision_for(device, "fp32").dtype is None
 
 
 @pytest.mark.parametrize(
@@ -107,7 +118,7 @@ def test_a_supported_gpu_is_used_in_the_precision_it_computes_natively(
 )
 def test_compute_capability_against_the_builds_arch_list(fake_gpu, capability, archs, usable):
     fake_gpu(capability, "GPU", archs)
-    assert (models.cuda_unsupported_reason() is None) == usable
+    assert (model.cuda_unsupported_reason() is None) == usable
 
 
 @pytest.mark.parametrize(
@@ -121,21 +132,30 @@ def test_compute_capability_against_the_builds_arch_list(fake_gpu, capability, a
     ],
 )
 def test_cpu_precision(monkeypatch, native_bf16, name, dtype):
-    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: native_bf16)
-    precision = models.precision_for(torch.device("cpu"), name)
-    assert precision.dtype == dtype and precision.grad_scaler == (name == "fp16")
+    monkeypatch.setattr(model, "cpu_has_native_bf16", lambda: native_bf16)
+    precision = model.precision_for(torch.device("cpu"), name)
+    assert (precision.dtype, precision.grad_scaler) == (dtype, name == "fp16")
 
 
-def test_the_precision_variable_sets_the_default_of_both_clis(monkeypatch, capsys):
-    monkeypatch.delenv(models.PRECISION_ENV, raising=False)
-    assert train.parse_args([])["precision"] == predict.parse_args([])["precision"] == "auto"
-    monkeypatch.setenv(models.PRECISION_ENV, "fp32")
-    assert train.parse_args([])["precision"] == predict.parse_args([])["precision"] == "fp32"
-    assert train.parse_args(["--precision", "bf16"])["precision"] == "bf16"  # the flag wins
-    monkeypatch.setenv(models.PRECISION_ENV, "fp8")
-    for cli in (train.main, predict.main):
-        with pytest.raises(SystemExit) as exit_info:
-            dataset.run_cli(cli, [])
-        assert exit_info.value.code == 2
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and err.startswith("error: $MNIST_PRECISION fp8: not a")
+@pytest.mark.parametrize(("variable", "default"), [(None, "auto"), ("fp32", "fp32")])
+def test_the_precision_variable_sets_the_default_of_both_clis(monkeypatch, variable, default):
+    if variable is None:
+        monkeypatch.delenv(model.PRECISION_ENV, raising=False)
+    else:
+        monkeypatch.setenv(model.PRECISION_ENV, variable)
+    assert (train.parse_args([])["precision"], predict.parse_args([]).precision) == (default,) * 2
+
+
+def test_the_precision_flag_wins_over_the_variable(monkeypatch):
+    monkeypatch.setenv(model.PRECISION_ENV, "fp32")
+    assert train.parse_args(["--precision", "bf16"])["precision"] == "bf16"
+
+
+@pytest.mark.parametrize("cli", [train.main, predict.main])
+def test_a_bad_precision_variable_is_one_error_line_and_exit_2(monkeypatch, capsys, cli):
+    monkeypatch.setenv(model.PRECISION_ENV, "fp8")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(cli, [])
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: $MNIST_PRECISION fp8: not a precision")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import zipfile
+from contextlib import redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,9 @@ import pytest
 from conftest import csv_text, make_table
 
 import dataset
+import predict
+import train
+from cli import UserError, run_cli, working_root
 
 HEADER = dataset.LAYOUTS["mnist-in-csv"][0]
 
@@ -23,39 +28,59 @@ def project(tmp_path, monkeypatch):
     return data_dir
 
 
-def test_the_bundled_sample_is_used_last_and_says_so(project, capsys):
-    found = dataset.find_data("train")
-    assert Path(found) == dataset.SAMPLE_DIR / "mnist_train.csv.gz"
-    note = capsys.readouterr().err
-    assert note.count("\n") == 1 and "bundled sample" in note and "dataset.py download" in note
-    sample = dataset.load_csv(found)
-    assert len(sample) == 4000 and set(np.unique(sample.labels)) == set(range(10))
-    assert len(dataset.load_csv(dataset.find_data("test"))) == 1000
+def test_the_bundled_sample_is_used_last(project):
+    assert Path(dataset.find_data("train")) == dataset.SAMPLE_DIR / "mnist_train.csv.gz"
+    assert Path(dataset.find_data("test")) == dataset.SAMPLE_DIR / "mnist_test.csv.gz"
+
+
+def test_using_the_bundled_sample_says_so_in_one_line(project, capsys):
+    dataset.find_data("train")
+    (note,) = capsys.readouterr().err.splitlines()
+    assert "bundled sample" in note
+    assert "dataset.py download" in note
+
+
+@pytest.mark.parametrize(("split", "rows"), [("train", 4000), ("test", 1000)])
+def test_the_bundled_sample_holds_every_class(split, rows):
+    sample = dataset.load_csv(dataset.SAMPLE_DIR / f"mnist_{split}.csv.gz")
+    assert len(sample) == rows
+    assert set(np.unique(sample.labels)) == set(range(10))
 
 
 def test_without_data_or_sample_the_error_says_what_to_attach(project, tmp_path, monkeypatch):
     monkeypatch.setattr(dataset, "SAMPLE_DIR", tmp_path / "no-sample")  # as in a Kaggle kernel
-    with pytest.raises(dataset.UserError, match="attach the dataset oddrationale/mnist-in-csv"):
+    with pytest.raises(UserError, match="attach the dataset oddrationale/mnist-in-csv"):
         dataset.find_data("train")
 
 
-def test_working_root_is_kaggles_inside_a_kernel(monkeypatch):
-    assert dataset.working_root() == Path()
+def test_outside_a_kernel_commands_write_here():
+    assert working_root() == Path()
+
+
+def test_inside_a_kernel_commands_write_to_kaggle_working(monkeypatch):
     monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Batch")
-    assert dataset.working_root() == Path("/kaggle/working")
+    assert working_root() == Path("/kaggle/working")
+
+
+def test_kaggle_working_root_moves_every_default_output(monkeypatch):
+    monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Batch")
     monkeypatch.setenv("KAGGLE_WORKING_ROOT", "/elsewhere")
-    assert dataset.working_root() == Path("/elsewhere")
-    import predict
-    import train
+    options = predict.parse_args([])
+    outputs = {
+        "models": train.parse_args([])["model_dir"],
+        "checkpoint": options.checkpoint,
+        "submission": options.output,
+        "report": options.report_dir,
+    }
+    assert outputs == {
+        "models": "/elsewhere/models",
+        "checkpoint": ["/elsewhere/models/best.pt"],
+        "submission": "/elsewhere/submissions/submission.csv",
+        "report": "/elsewhere/outputs/report",
+    }
 
-    assert train.parse_args([])["model_dir"] == "/elsewhere/models"
-    args = predict.parse_args([])
-    assert args["checkpoint"] == ["/elsewhere/models/best.pt"]
-    assert args["output"] == "/elsewhere/submissions/submission.csv"
-    assert args["report_dir"] == "/elsewhere/outputs/report"
 
-
-def test_data_dir_csvs_beat_the_sample(project, capsys):
+def test_data_dir_csvs_beat_the_sample_silently(project, capsys):
     (project / "mnist_test.csv").write_text(csv_text(make_table(3), HEADER))
     assert dataset.find_data("test") == str(project / "mnist_test.csv")
     assert capsys.readouterr().err == ""
@@ -118,19 +143,29 @@ class FakeKaggleApi:
 
 
 @pytest.mark.parametrize("unzip", [True, False])
-def test_download_then_discovery_finds_the_files(project, unzip, capsys):
+def test_download_asks_kaggle_for_oddrationale_mnist_in_csv(project, unzip):
     api = FakeKaggleApi()
     dataset.download(project, unzip=unzip, api=api)
     assert api.calls == [("oddrationale/mnist-in-csv", unzip)]
-    train, test = dataset.find_data("train"), dataset.find_data("test")
-    assert "bundled sample" not in capsys.readouterr().err
-    assert len(dataset.load_csv(train)) == 30 and len(dataset.load_csv(test)) == 10
-    assert train.endswith("mnist_train.csv") and ("::" in train) == (not unzip)
+
+
+@pytest.mark.parametrize(
+    ("unzip", "found"),
+    [(True, "mnist_{}.csv"), (False, "mnist-in-csv.zip::mnist_{}.csv")],
+)
+def test_discovery_finds_what_the_download_wrote(project, unzip, found):
+    dataset.download(project, unzip=unzip, api=FakeKaggleApi())
+    rows = {}
+    for split in ("train", "test"):
+        path = dataset.find_data(split)
+        assert path == str(project / found.format(split))
+        rows[split] = len(dataset.load_csv(path))
+    assert rows == {"train": 30, "test": 10}
 
 
 def test_download_failure_names_the_manual_command(project):
     api = FakeKaggleApi(fail=ConnectionError("Name or service not known"))
-    with pytest.raises(dataset.UserError, match=r"Name or service not known.*--unzip"):
+    with pytest.raises(UserError, match=r"Name or service not known.*--unzip"):
         dataset.download(project, api=api)
 
 
@@ -140,20 +175,43 @@ def test_missing_credentials_exit_2_with_the_manual_command(project, tmp_path, m
     monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "no-credentials"))
     monkeypatch.setenv("HOME", str(tmp_path))
     with pytest.raises(SystemExit) as exit_info:
-        dataset.run_cli(dataset.main, ["download", "--dest", str(project)])
+        run_cli(dataset.main, ["download", "--dest", str(project)])
     assert exit_info.value.code == 2
     out, err = capsys.readouterr()
-    assert err.startswith("error: kaggle: no usable Kaggle credentials") and err.count("\n") == 1
-    assert "kaggle datasets download -d oddrationale/mnist-in-csv -p data --unzip" in err
+    (line,) = err.splitlines()
+    assert line.startswith("error: kaggle: no usable Kaggle credentials")
+    assert "kaggle datasets download -d oddrationale/mnist-in-csv -p data --unzip" in line
     assert out == ""
 
 
-def test_explore_prints_statistics_and_writes_figures(tmp_path, capsys):
-    sample = dataset.SAMPLE_DIR / "mnist_test.csv.gz"
-    summary = dataset.explore(str(sample), tmp_path / "out")
-    out = capsys.readouterr().out
-    assert summary["rows"] == 1000 and sum(summary["class_counts"]) == 1000
-    assert 0.1 < summary["pixel_mean"] < 0.16 and 0.28 < summary["pixel_std"] < 0.34
-    assert "1,000 rows" in out and "share" in out
-    for name in ("sample_images.png", "class_distribution.png", "augmented_digits.png"):
-        assert (tmp_path / "out" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+@pytest.fixture(scope="module")
+def explored(tmp_path_factory):
+    """`explore` on the bundled sample's test CSV: its summary, what it printed, its folder."""
+    out_dir = tmp_path_factory.mktemp("explore")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MNIST_CACHE_DIR", str(out_dir / "cache"))
+        printed = io.StringIO()
+        with redirect_stdout(printed):
+            summary = dataset.explore(str(dataset.SAMPLE_DIR / "mnist_test.csv.gz"), out_dir)
+    return summary, printed.getvalue(), out_dir
+
+
+def test_explore_counts_rows_and_classes(explored):
+    summary, printed, _ = explored
+    assert summary["rows"] == 1000
+    assert sum(summary["class_counts"]) == 1000
+    assert "1,000 rows" in printed
+
+
+def test_explore_measures_the_pixels_of_real_digits(explored):
+    summary, _, _ = explored
+    assert 0.1 < summary["pixel_mean"] < 0.16  # MNIST's: 0.1307
+    assert 0.28 < summary["pixel_std"] < 0.34  # MNIST's: 0.3081
+
+
+@pytest.mark.parametrize(
+    "figure", ["sample_images.png", "class_distribution.png", "augmented_digits.png"]
+)
+def test_explore_draws_its_figures(explored, figure):
+    _, _, out_dir = explored
+    assert (out_dir / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

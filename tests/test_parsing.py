@@ -13,7 +13,7 @@ import pytest
 from conftest import SHARED_DATA, csv_text, make_table
 
 import dataset
-from dataset import UserError
+from cli import UserError, run_cli
 
 
 def assert_matches(parsed: dataset.CSVData, table: np.ndarray, labelled: bool = True) -> None:
@@ -43,19 +43,35 @@ def assert_matches(parsed: dataset.CSVData, table: np.ndarray, labelled: bool = 
 )
 def test_every_layout_parses_exactly(write_csv, layout, labelled):
     table = make_table(30, labelled=labelled, seed=1)
-    parsed = dataset.read_csv(write_csv("x.csv", table, layout))
-    assert_matches(parsed, table, labelled)
-    expected = layout or ("headerless" if labelled else "headerless-unlabelled")
-    assert parsed.layout == expected
+    assert_matches(dataset.read_csv(write_csv("x.csv", table, layout)), table, labelled)
 
 
-def test_fashion_layout_carries_fashion_class_names(write_csv):
-    parsed = dataset.read_csv(write_csv("f.csv", make_table(3), "fashion-mnist"))
-    assert parsed.class_names[0] == "T-shirt/top" and parsed.class_names[9] == "Ankle boot"
-    assert dataset.read_csv(write_csv("m.csv", make_table(3))).class_names[3] == "3"
+@pytest.mark.parametrize(
+    ("layout", "labelled", "expected"),
+    [
+        ("mnist-in-csv", True, "mnist-in-csv"),
+        ("digit-recognizer-test", False, "digit-recognizer-test"),
+        (None, True, "headerless"),
+        (None, False, "headerless-unlabelled"),
+    ],
+)
+def test_the_layout_is_recognised(write_csv, layout, labelled, expected):
+    table = make_table(3, labelled=labelled)
+    assert dataset.read_csv(write_csv("x.csv", table, layout)).layout == expected
 
 
-def test_gzip_and_zip_containers(tmp_path):
+@pytest.mark.parametrize(
+    ("layout", "names"),
+    [("fashion-mnist", ("T-shirt/top", "Ankle boot")), ("mnist-in-csv", ("0", "9"))],
+)
+def test_the_layout_carries_its_class_names(write_csv, layout, names):
+    class_names = dataset.read_csv(write_csv("f.csv", make_table(3), layout)).class_names
+    assert (class_names[0], class_names[9]) == names
+
+
+@pytest.fixture
+def containers(tmp_path) -> tuple[np.ndarray, dict[str, str]]:
+    """One table written as a .csv.gz, a zip holding it, and a zip holding two CSVs."""
     table = make_table(20, seed=2)
     text = csv_text(table, dataset.LAYOUTS["mnist-in-csv"][0]).encode()
     (tmp_path / "a.csv.gz").write_bytes(gzip.compress(text))
@@ -64,12 +80,22 @@ def test_gzip_and_zip_containers(tmp_path):
     with zipfile.ZipFile(tmp_path / "two.zip", "w") as zf:
         zf.writestr("mnist_train.csv", text)
         zf.writestr("mnist_test.csv", csv_text(table[:5], dataset.LAYOUTS["mnist-in-csv"][0]))
-    assert_matches(dataset.read_csv(tmp_path / "a.csv.gz"), table)
-    assert_matches(dataset.read_csv(tmp_path / "one.zip"), table)
-    assert_matches(dataset.read_csv(f"{tmp_path / 'two.zip'}::mnist_test.csv"), table[:5])
-    assert dataset.read_csv(f"{tmp_path / 'two.zip'}::mnist_train.csv").source.endswith(
-        "two.zip::mnist_train.csv"
-    )
+    return table, {
+        "gzip": str(tmp_path / "a.csv.gz"),
+        "zip": str(tmp_path / "one.zip"),
+        "named member": f"{tmp_path / 'two.zip'}::mnist_test.csv",
+    }
+
+
+@pytest.mark.parametrize(("container", "rows"), [("gzip", 20), ("zip", 20), ("named member", 5)])
+def test_containers_parse_exactly(containers, container, rows):
+    table, sources = containers
+    assert_matches(dataset.read_csv(sources[container]), table[:rows])
+
+
+def test_a_zip_members_source_names_the_member(containers):
+    _, sources = containers
+    assert dataset.read_csv(sources["named member"]).source.endswith("two.zip::mnist_test.csv")
 
 
 @pytest.mark.parametrize(
@@ -102,9 +128,12 @@ def test_whole_numbers_written_as_decimals_are_accepted(tmp_path):
 
 
 def test_many_chunks_agree_with_a_plain_parse(tmp_path, monkeypatch):
+    """Small chunks, and ink of every width (1, 2 and 3 digits) in random places."""
     monkeypatch.setattr(dataset, "CHUNK_BYTES", 4096)
     table = make_table(300, seed=5)
-    table[:, 1:][table[:, 1:] > 0] = np.random.default_rng(0).choice([1, 9, 10, 99, 100, 255], 1)
+    ink = table[:, 1:] > 0
+    widths = np.random.default_rng(0).choice([1, 9, 10, 99, 100, 255], int(ink.sum()))
+    table[:, 1:][ink] = widths
     path = tmp_path / "big.csv"
     path.write_text(csv_text(table, None))
     assert_matches(dataset.read_csv(path), table)
@@ -114,83 +143,111 @@ def test_many_chunks_agree_with_a_plain_parse(tmp_path, monkeypatch):
 
 
 def _row_text(table, row, col, value, layout="mnist-in-csv"):
+    """The table as CSV text with one cell replaced by `value` (None: the cell removed)."""
     text = csv_text(table, dataset.LAYOUTS[layout][0])
     lines = text.splitlines()
     cells = lines[row].split(",")
-    cells[col] = value
+    if value is None:
+        del cells[col]
+    else:
+        cells[col] = value
     lines[row] = ",".join(cells)
     return "\n".join(lines) + "\n"
 
 
-def _bad_cases(tmp_path):
+BAD_FILES = {  # name: how to write it from a good table, and what the error must say
+    "empty.csv": (lambda table, header: "", "empty.csv: empty file"),
+    "header-only.csv": (lambda table, header: header + "\n", "header-only.csv: header only"),
+    "unknown-header.csv": (
+        lambda table, header: "label,a,b,c\n1,2,3,4\n",
+        "unknown-header.csv:1: unknown header label,a,b,...",
+    ),
+    "short-row.csv": (
+        lambda table, header: _row_text(table, 3, 784, None),
+        "short-row.csv:4: 784 columns, expected 785",
+    ),
+    "empty-cell.csv": (
+        lambda table, header: _row_text(table, 2, 4, ""),
+        "empty-cell.csv:3: column 5 (1x4): empty cell",
+    ),
+    "not-a-number.csv": (
+        lambda table, header: _row_text(table, 2, 4, "abc"),
+        "not-a-number.csv:3: column 5 (1x4): 'abc' is not a number",
+    ),
+    "pixel-too-big.csv": (
+        lambda table, header: _row_text(table, 4, 784, "256"),
+        "pixel-too-big.csv:5: column 785 (28x28): pixel 256 is",
+    ),
+    "pixel-negative.csv": (
+        lambda table, header: _row_text(table, 1, 3, "-1"),
+        "pixel-negative.csv:2: column 4 (1x3): pixel -1 is outside",
+    ),
+    "pixel-fraction.csv": (
+        lambda table, header: _row_text(table, 1, 3, "12.5"),
+        "column 4 (1x3): pixel 12.5 is not a whole number",
+    ),
+    "label-too-big.csv": (
+        lambda table, header: _row_text(table, 5, 0, "10"),
+        "label-too-big.csv:6: column 1 (label): label 10 is out",
+    ),
+    "headerless-width.csv": (
+        lambda table, header: "1,2,3\n",
+        "headerless-width.csv:1: 3 columns",
+    ),
+}
+BAD_CONTAINERS = {  # name: what the error must say
+    "missing.csv": "missing.csv: no such file",
+    "adir": "adir: is a directory",
+    "nocsv.zip": "nocsv.zip: the zip holds no CSV file",
+    "several.zip": "several.zip: the zip holds several CSV files: a.csv, b.csv",
+    "several.zip::c.csv": "several.zip: no single member named c.csv",
+    "corrupt.zip": "corrupt.zip: corrupt zip file",
+    "corrupt.csv.gz": "corrupt.csv.gz: corrupt gzip file",
+}
+
+
+def _write_bad_containers(tmp_path) -> None:
     table = make_table(5, seed=6)
     header = ",".join(dataset.LAYOUTS["mnist-in-csv"][0])
-    short = csv_text(table, dataset.LAYOUTS["mnist-in-csv"][0]).splitlines()
-    short[3] = short[3].rsplit(",", 1)[0]
-    no_csv, several = tmp_path / "nocsv.zip", tmp_path / "several.zip"
-    with zipfile.ZipFile(no_csv, "w") as zf:
+    with zipfile.ZipFile(tmp_path / "nocsv.zip", "w") as zf:
         zf.writestr("readme.txt", "nothing here")
-    with zipfile.ZipFile(several, "w") as zf:
+    with zipfile.ZipFile(tmp_path / "several.zip", "w") as zf:
         zf.writestr("a.csv", header + "\n")
         zf.writestr("b.csv", header + "\n")
     (tmp_path / "adir").mkdir()
     (tmp_path / "corrupt.zip").write_bytes(b"PK\x03\x04 definitely not a zip")
     good_gz = gzip.compress(csv_text(table, None).encode())
     (tmp_path / "corrupt.csv.gz").write_bytes(good_gz[: len(good_gz) // 2])
-    files = {
-        "empty.csv": "",
-        "header-only.csv": header + "\n",
-        "unknown-header.csv": "label,a,b,c\n1,2,3,4\n",
-        "short-row.csv": "\n".join(short) + "\n",
-        "empty-cell.csv": _row_text(table, 2, 4, ""),
-        "not-a-number.csv": _row_text(table, 2, 4, "abc"),
-        "pixel-too-big.csv": _row_text(table, 4, 784, "256"),
-        "pixel-negative.csv": _row_text(table, 1, 3, "-1"),
-        "pixel-fraction.csv": _row_text(table, 1, 3, "12.5"),
-        "label-too-big.csv": _row_text(table, 5, 0, "10"),
-        "headerless-width.csv": "1,2,3\n",
-    }
-    for name, text in files.items():
-        (tmp_path / name).write_text(text)
-    return [
-        (tmp_path / "missing.csv", "missing.csv: no such file"),
-        (tmp_path / "adir", "adir: is a directory"),
-        (tmp_path / "empty.csv", "empty.csv: empty file"),
-        (tmp_path / "header-only.csv", "header-only.csv: header only"),
-        (tmp_path / "unknown-header.csv", "unknown-header.csv:1: unknown header label,a,b,..."),
-        (tmp_path / "short-row.csv", "short-row.csv:4: 784 columns, expected 785"),
-        (tmp_path / "empty-cell.csv", "empty-cell.csv:3: column 5 (1x4): empty cell"),
-        (
-            tmp_path / "not-a-number.csv",
-            "not-a-number.csv:3: column 5 (1x4): 'abc' is not a number",
-        ),
-        (tmp_path / "pixel-too-big.csv", "pixel-too-big.csv:5: column 785 (28x28): pixel 256 is"),
-        (
-            tmp_path / "pixel-negative.csv",
-            "pixel-negative.csv:2: column 4 (1x3): pixel -1 is outside",
-        ),
-        (tmp_path / "pixel-fraction.csv", "column 4 (1x3): pixel 12.5 is not a whole number"),
-        (tmp_path / "label-too-big.csv", "label-too-big.csv:6: column 1 (label): label 10 is out"),
-        (tmp_path / "headerless-width.csv", "headerless-width.csv:1: 3 columns"),
-        (no_csv, "nocsv.zip: the zip holds no CSV file"),
-        (several, "several.zip: the zip holds several CSV files: a.csv, b.csv"),
-        (f"{several}::c.csv", "several.zip: no single member named c.csv"),
-        (tmp_path / "corrupt.zip", "corrupt.zip: corrupt zip file"),
-        (tmp_path / "corrupt.csv.gz", "corrupt.csv.gz: corrupt gzip file"),
-    ]
 
 
-def test_every_bad_input_gets_one_line_naming_file_line_and_column(tmp_path, capsys):
-    for source, expected in _bad_cases(tmp_path):
-        with pytest.raises(UserError) as err:
-            dataset.load_csv(source)
-        assert expected in str(err.value), (source, str(err.value))
-        with pytest.raises(SystemExit) as exit_info:
-            dataset.run_cli(dataset.main, ["explore", str(source), "--no-plots"])
-        assert exit_info.value.code == 2
-        errors = capsys.readouterr().err
-        assert errors.count("\n") == 1 and errors.startswith("error: "), errors
-        assert expected in errors and "Traceback" not in errors
+@pytest.fixture(params=[*BAD_FILES, *BAD_CONTAINERS])
+def bad_input(request, tmp_path) -> tuple[str, str]:
+    """Each bad input (a path) and what its error must say."""
+    if request.param in BAD_FILES:
+        write, expected = BAD_FILES[request.param]
+        table = make_table(5, seed=6)
+        header = ",".join(dataset.LAYOUTS["mnist-in-csv"][0])
+        (tmp_path / request.param).write_text(write(table, header))
+        return str(tmp_path / request.param), expected
+    _write_bad_containers(tmp_path)
+    return str(tmp_path / request.param), BAD_CONTAINERS[request.param]
+
+
+def test_bad_input_raises_a_user_error_naming_file_line_and_column(bad_input):
+    source, expected = bad_input
+    with pytest.raises(UserError) as err:
+        dataset.load_csv(source)
+    assert expected in str(err.value)
+
+
+def test_bad_input_on_the_command_line_is_one_error_line_and_exit_2(bad_input, capsys):
+    source, expected = bad_input
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(dataset.main, ["explore", source, "--no-plots"])
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: ")
+    assert expected in line
 
 
 def test_bad_cell_deep_in_a_large_file_names_its_line(tmp_path, monkeypatch):
@@ -204,31 +261,20 @@ def test_bad_cell_deep_in_a_large_file_names_its_line(tmp_path, monkeypatch):
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not beside this clone")
 def test_the_real_ten_thousand_digits_load():
     data = dataset.read_csv(SHARED_DATA / "mnist_test.csv.gz")
-    assert data.images.shape == (10000, 28, 28) and data.layout == "mnist-in-csv"
-    assert set(np.unique(data.labels)) == set(range(10))
-    # the MNIST test set's published class counts
-    assert np.bincount(data.labels).tolist() == [
-        980,
-        1135,
-        1032,
-        1010,
-        982,
-        892,
-        958,
-        1028,
-        974,
-        1009,
-    ]
+    assert data.images.shape == (10000, 28, 28)
+    assert data.layout == "mnist-in-csv"
+    published = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]  # MNIST's test set
+    assert np.bincount(data.labels).tolist() == published
 
 
-def test_output_into_a_closed_pipe_ends_quietly(tmp_path):
+@pytest.mark.parametrize("buffered", [True, False])
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path, buffered):
     """`python dataset.py explore | head` must not end in a BrokenPipeError traceback."""
     sample = dataset.SAMPLE_DIR / "mnist_test.csv.gz"
     explore = f"{sys.executable} {dataset.ROOT / 'dataset.py'} explore {sample} --no-plots"
     shell = f"{explore} 2>{tmp_path / 'err'} | head -c 0; echo ${{PIPESTATUS[0]}}"
-    for buffered in (True, False):
-        env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
-        env.update({} if buffered else {"PYTHONUNBUFFERED": "1"})
-        done = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, env=env)
-        assert (tmp_path / "err").read_text() == "", buffered
-        assert done.stdout.strip() == "141", buffered  # head has gone before python prints
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    env.update({} if buffered else {"PYTHONUNBUFFERED": "1"})
+    done = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, env=env)
+    assert (tmp_path / "err").read_text() == ""
+    assert done.stdout.strip() == "141"  # head has gone before python prints

@@ -1,15 +1,18 @@
-"""Training: it learns, checkpoints round-trip, a killed run resumes exactly, runs are repeatable,
-every precision trains, and bad settings get one line and exit code 2. Runs pin the CPU and
-deterministic algorithms; the precision is $MNIST_PRECISION's (CI runs these tests under both CPU
-numerics paths)."""
+"""Training: it learns, checkpoints hold what predicting needs, the recipe follows preset, task
+and flags, a killed run resumes exactly, runs are repeatable, every precision trains, and bad
+settings get one line and exit code 2. Runs pin the CPU and deterministic algorithms; the
+precision is $MNIST_PRECISION's (CI runs these tests on both CPU numerics paths)."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
 import subprocess
 import sys
+from contextlib import redirect_stdout
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -17,52 +20,92 @@ import torch
 from conftest import ROOT, make_table
 
 import dataset
-import model as models
+import model
 import train
+from cli import run_cli
 
 pytestmark = pytest.mark.numerics
 
 SAMPLE_TRAIN = str(dataset.SAMPLE_DIR / "mnist_train.csv.gz")
 SAMPLE_TEST = str(dataset.SAMPLE_DIR / "mnist_test.csv.gz")
+RECIPE = ("arch", "epochs", "batch_size", "lr", "augment")
 
 
-def quick_args(tmp_path, *extra: str) -> list[str]:
-    return [
-        "--train", SAMPLE_TRAIN, "--no-plots", "--quiet", "--device", "cpu", "--deterministic",
-        "--model-dir", str(tmp_path / "models"), "--out-dir", str(tmp_path / "out"), *extra,
-    ]  # fmt: skip
+def quick_args(folder, *extra: str) -> list[str]:
+    """Flags for a short run on the sample, on the CPU, writing under `folder`."""
+    where = ["--model-dir", str(folder / "models"), "--out-dir", str(folder / "out")]
+    pinned = ["--device", "cpu", "--deterministic", "--no-plots", "--quiet"]
+    return ["--train", SAMPLE_TRAIN, *pinned, *where, *extra]
 
 
-def test_a_short_run_on_real_digits_clearly_learns(tmp_path):
-    args = quick_args(tmp_path, "--test", SAMPLE_TEST, "--epochs", "3", "--max-rows", "1500")
-    summary = train.main([*args, "--arch", "strong"])
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory):
+    """`strong` for 3 epochs on 1,350 real digits, scored on the sample's 1,000 test digits."""
+    folder = tmp_path_factory.mktemp("learned")
+    args = quick_args(folder, "--test", SAMPLE_TEST, "--epochs", "3", "--max-rows", "1500")
+    return train.main([*args, "--arch", "strong"]), folder
+
+
+def test_a_short_run_on_real_digits_clearly_learns(learned):
+    summary, _ = learned
     # observed: 91-93% validation and test accuracy after 3 epochs on 1,350 digits; chance is 10%
-    assert summary["best_val_acc"] > 0.8 and summary["test_acc"] > 0.8
-    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert metrics["test_acc"] == summary["test_acc"] and metrics["config"]["arch"] == "strong"
-    history = (tmp_path / "out" / "history.csv").read_text().splitlines()
-    assert history[0].startswith("epoch,train_loss,train_acc,val_loss,val_acc,lr,seconds")
-    assert len(history) == 4
+    assert summary["best_val_acc"] > 0.8
+    assert summary["test_acc"] > 0.8
 
 
-def test_checkpoint_holds_what_is_needed_to_use_the_model(tmp_path):
-    train.main(quick_args(tmp_path, "--epochs", "1", "--max-rows", "300", "--arch", "basic"))
-    ckpt = models.load_checkpoint(tmp_path / "models" / "best.pt")
-    assert ckpt["arch"] == "basic" and ckpt["class_names"] == list("0123456789")
-    assert 0.1 < ckpt["mean"] < 0.16 and ckpt["epoch"] == 1 and "val_acc" in ckpt["metrics"]
+def test_metrics_json_holds_the_summary_and_the_config(learned):
+    summary, folder = learned
+    metrics = json.loads((folder / "out" / "metrics.json").read_text())
+    assert metrics["test_acc"] == summary["test_acc"]
+    assert metrics["config"]["arch"] == "strong"
+
+
+def test_the_history_has_a_row_per_epoch(learned):
+    _, folder = learned
+    history = (folder / "out" / "history.csv").read_text().splitlines()
+    assert history[0] == "epoch,train_loss,train_acc,val_loss,val_acc,lr,seconds"
+    assert len(history) == 1 + 3
+
+
+@pytest.fixture(scope="module")
+def one_epoch(tmp_path_factory):
+    """best.pt and last.pt of one epoch of `basic` on the sample's first 300 rows."""
+    folder = tmp_path_factory.mktemp("one-epoch")
+    train.main(quick_args(folder, "--epochs", "1", "--max-rows", "300", "--arch", "basic"))
+    return {name: folder / "models" / f"{name}.pt" for name in ("best", "last")}
+
+
+def test_a_checkpoint_names_its_architecture_classes_and_epoch(one_epoch):
+    ckpt = model.load_checkpoint(one_epoch["best"])
+    assert (ckpt["arch"], ckpt["class_names"], ckpt["epoch"]) == ("basic", list("0123456789"), 1)
+
+
+def test_a_checkpoint_holds_its_normalization_metrics_and_versions(one_epoch):
+    ckpt = model.load_checkpoint(one_epoch["best"])
+    assert 0.1 < ckpt["mean"] < 0.16  # MNIST's: 0.1307
+    assert "val_acc" in ckpt["metrics"]
     assert ckpt["versions"]["torch"] == str(torch.__version__)
-    net = models.model_from_checkpoint(ckpt).eval()
-    x = torch.randn(4, 1, 28, 28)
-    reference = models.build("basic")
+
+
+def test_the_network_rebuilt_from_a_checkpoint_computes_what_it_did(one_epoch):
+    ckpt = model.load_checkpoint(one_epoch["best"])
+    reference = model.build("basic")
     reference.load_state_dict(ckpt["state_dict"])
-    torch.testing.assert_close(net(x), reference.eval()(x))
-    last = models.load_checkpoint(tmp_path / "models" / "last.pt")
-    assert {"optimizer", "scheduler", "rng", "history"} <= last.keys()
-    # the leak guard's fingerprint: one hash per distinct row the run learned from
+    x = torch.randn(4, 1, 28, 28)
+    torch.testing.assert_close(model.model_from_checkpoint(ckpt).eval()(x), reference.eval()(x))
+
+
+def test_last_pt_holds_what_resuming_needs(one_epoch):
+    last = model.load_checkpoint(one_epoch["last"])
+    assert {"optimizer", "scheduler", "scaler", "rng", "history", "best_val_acc"} <= last.keys()
+
+
+def test_the_fingerprint_holds_a_hash_of_each_row_the_run_learned_from(one_epoch):
+    fingerprint = model.load_checkpoint(one_epoch["best"])["seen_rows"]
     rows = dataset.load_csv(SAMPLE_TRAIN).images[:300]
-    train_hashes, val_hashes = (ckpt["seen_rows"][k].numpy() for k in ("train", "val"))
-    assert len(train_hashes) == 270 and len(val_hashes) == 30
-    assert set(dataset.row_hashes(rows).view(np.int64)) == {*train_hashes, *val_hashes}
+    assert (len(fingerprint["train"]), len(fingerprint["val"])) == (270, 30)
+    seen = {*fingerprint["train"].tolist(), *fingerprint["val"].tolist()}
+    assert seen == set(dataset.row_hashes(rows).view(np.int64).tolist())
 
 
 @pytest.mark.parametrize(
@@ -73,7 +116,7 @@ def test_every_precision_trains_on_the_cpu(tmp_path, capsys, precision, describe
     args = quick_args(tmp_path, "--epochs", "2", "--max-rows", "320", "--batch-size", "32")
     train.main([*args, "--arch", "lenet", "--precision", precision])  # fp16 is slow on a CPU
     assert described in capsys.readouterr().out
-    last = models.load_checkpoint(tmp_path / "models" / "last.pt")
+    last = model.load_checkpoint(tmp_path / "models" / "last.pt")
     assert last["config"]["precision"] == precision
     assert (last["scaler"] is not None) == (precision == "fp16")  # fp16 scales its loss
     assert all(w.isfinite().all() for w in last["state_dict"].values() if w.is_floating_point())
@@ -81,57 +124,132 @@ def test_every_precision_trains_on_the_cpu(tmp_path, capsys, precision, describe
     assert second["train_loss"] < first["train_loss"]
 
 
-def test_an_ensemble_trains_differently_seeded_members(tmp_path, capsys):
-    args = quick_args(tmp_path, "--epochs", "1", "--max-rows", "300", "--arch", "basic")
-    summary = train.main([*args, "--ensemble", "2", "--seed", "5"])
+@pytest.fixture(scope="module")
+def ensemble(tmp_path_factory):
+    """Two one-epoch members, seeds 5 and 6, and what the run printed."""
+    folder = tmp_path_factory.mktemp("ensemble")
+    args = quick_args(folder, "--epochs", "1", "--max-rows", "300", "--arch", "basic")
+    printed = io.StringIO()
+    with redirect_stdout(printed):
+        summary = train.main([*args, "--ensemble", "2", "--seed", "5"])
+    return summary, folder, printed.getvalue()
+
+
+def test_an_ensemble_writes_each_member_into_its_own_folders(ensemble):
+    summary, folder, _ = ensemble
     assert len(summary["members"]) == 2
-    a, b = (models.load_checkpoint(tmp_path / "models" / f"seed{s}" / "best.pt") for s in (5, 6))
+    for seed in (5, 6):
+        assert (train.member_dir(folder / "models", seed) / "best.pt").is_file()
+        assert (train.member_dir(folder / "out", seed) / "metrics.json").is_file()
+
+
+def test_ensemble_members_are_seeded_differently(ensemble):
+    _, folder, _ = ensemble
+    a, b = (
+        model.load_checkpoint(train.member_dir(folder / "models", s) / "best.pt") for s in (5, 6)
+    )
     assert (a["config"]["seed"], b["config"]["seed"]) == (5, 6)
     assert not torch.equal(a["state_dict"]["0.weight"], b["state_dict"]["0.weight"])
-    assert (tmp_path / "out" / "seed6" / "metrics.json").is_file()
-    out = capsys.readouterr().out
-    assert f"--checkpoint {tmp_path}/models/seed5/best.pt {tmp_path}/models/seed6/best.pt" in out
 
 
-def test_the_recipe_follows_preset_and_task_and_given_flags_win(tmp_path, write_csv, monkeypatch):
+def test_an_ensemble_prints_the_command_that_predicts_with_it(ensemble):
+    _, folder, printed = ensemble
+    members = f"{folder}/models/seed5/best.pt {folder}/models/seed6/best.pt"
+    assert f"python predict.py --checkpoint {members}" in printed
+
+
+@pytest.mark.parametrize(
+    ("flags", "task", "expected"),
+    [
+        ([], "digits", ("strong", 15, 128, 3e-3, True)),
+        ([], "fashion", ("wide", 20, 128, 3e-3, True)),
+        (["--preset", "fast"], "digits", ("basic_bn", 6, 256, 1e-2, False)),
+        (["--preset", "fast"], "fashion", ("basic_bn", 6, 256, 1e-2, False)),
+        (["--epochs", "3", "--no-augment"], "fashion", ("wide", 3, 128, 3e-3, False)),
+        (
+            ["--preset", "fast", "--lr", "2e-3", "--arch", "basic"],
+            "digits",
+            ("basic", 6, 256, 2e-3, False),
+        ),
+    ],
+)
+def test_the_recipe_follows_preset_and_task_and_a_given_flag_wins(flags, task, expected):
+    cfg = train.Config.for_task(train.parse_args(flags), task)
+    assert tuple(getattr(cfg, key) for key in RECIPE) == expected
+
+
+def test_the_config_defaults_are_the_digit_recipe():
+    assert tuple(getattr(train.Config(), key) for key in RECIPE) == ("strong", 15, 128, 3e-3, True)
+
+
+def test_help_shows_what_each_preset_makes_of_a_recipe_flag(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    assert "best: 15, Fashion-MNIST 20; fast: 6" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_resumed_run_keeps_its_settings_but_runs_as_told_here():
+    saved = asdict(train.Config(epochs=7, seed=3, device="cpu", quiet=False))
+    flags = train.parse_args(["--resume", "last.pt", "--epochs", "2", "--quiet"])
+    cfg = train.Config.resumed(saved, flags)
+    assert (cfg.epochs, cfg.seed) == (7, 3)  # the run's own
+    assert (cfg.device, cfg.quiet, cfg.resume) == (None, True, "last.pt")  # this machine's
+
+
+def test_a_setting_newer_than_a_checkpoint_gets_its_default():
+    saved = {key: value for key, value in asdict(train.Config(epochs=7)).items() if key != "preset"}
+    assert train.Config.resumed(saved, train.parse_args([])).preset == "best"
+
+
+@pytest.fixture(scope="module")
+def recipes(tmp_path_factory):
+    """Short runs on digits, on a Fashion-MNIST CSV and with --preset fast; the curves' titles."""
     import plots
 
-    curve_titles = []
-    draw_curves = plots.training_curves
-
-    def recording_curves(history, path, training_batches):
-        curve_titles.append(training_batches)
-        return draw_curves(history, path, training_batches)
-
-    monkeypatch.setattr(plots, "training_curves", recording_curves)
-    fashion = write_csv("fashion.csv", make_table(200), "fashion-mnist")
+    folder = tmp_path_factory.mktemp("recipes")
+    fashion = folder / "fashion.csv"
+    header = ",".join(dataset.LAYOUTS["fashion-mnist"][0])
+    np.savetxt(fashion, make_table(200), fmt="%d", delimiter=",", header=header, comments="")
     runs = {
-        "digits": quick_args(tmp_path / "digits", "--epochs", "1", "--max-rows", "300"),
-        "fashion": [*quick_args(tmp_path / "fashion", "--epochs", "1"), "--train", str(fashion)],
-        "fast": [
-            "--train", SAMPLE_TRAIN, "--quiet", "--device", "cpu", "--deterministic",
-            "--model-dir", str(tmp_path / "fast" / "models"),
-            "--out-dir", str(tmp_path / "fast" / "out"), "--max-rows", "300",
-            "--preset", "fast", "--lr", "2e-3",
-        ],
-    }  # fmt: skip
-    for args in runs.values():
-        train.main(args)
-    config = {
-        name: models.load_checkpoint(tmp_path / name / "models" / "best.pt")["config"]
-        for name in runs
+        "digits": quick_args(folder / "digits", "--epochs", "1", "--max-rows", "300"),
+        "fashion": [*quick_args(folder / "fashion", "--epochs", "1"), "--train", str(fashion)],
+        "fast": [*quick_args(folder / "fast", "--max-rows", "300", "--preset", "fast")],
     }
-    recipe = ("arch", "epochs", "batch_size", "lr", "augment")
-    unset = train.with_recipe(train.parse_args([]), dataset.DIGIT_CLASSES)
-    assert [unset[k] for k in recipe] == ["strong", 15, 128, 3e-3, True]
-    assert [config["digits"][k] for k in recipe] == ["strong", 1, 128, 3e-3, True]
-    assert [config["fashion"][k] for k in recipe] == ["wide", 1, 128, 3e-3, True]
-    assert [config["fast"][k] for k in recipe] == ["basic_bn", 6, 256, 2e-3, False]
-    history = (tmp_path / "fast" / "out" / "history.csv").read_text().splitlines()
-    assert len(history) == 1 + 6
-    figures = {path.name for path in (tmp_path / "fast" / "out").glob("*.png")}
+    runs["fast"].remove("--no-plots")
+    titles = []
+    draw = plots.training_curves
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(
+            plots, "training_curves", lambda h, p, title: titles.append(title) or draw(h, p, title)
+        )
+        for args in runs.values():
+            train.main(args)
+    return folder, titles
+
+
+@pytest.mark.parametrize(
+    ("run", "expected"),
+    [
+        ("digits", ("strong", 1, 128, 3e-3, True)),
+        ("fashion", ("wide", 1, 128, 3e-3, True)),
+        ("fast", ("basic_bn", 6, 256, 1e-2, False)),
+    ],
+)
+def test_a_checkpoint_saves_the_recipe_its_run_used(recipes, run, expected):
+    folder, _ = recipes
+    config = model.load_checkpoint(folder / run / "models" / "best.pt")["config"]
+    assert tuple(config[key] for key in RECIPE) == expected
+
+
+def test_a_run_without_augmentation_draws_no_augmentation_figure(recipes):
+    folder, _ = recipes
+    figures = {path.name for path in (folder / "fast" / "out").glob("*.png")}
     assert figures == {"sample_images.png", "class_distribution.png", "training_curves.png"}
-    assert curve_titles == ["dropout on, label-smoothed loss"]  # no augmented batches to claim
+
+
+def test_the_curves_say_how_training_metrics_were_measured(recipes):
+    _, titles = recipes
+    assert titles == ["dropout on, label-smoothed loss"]  # basic_bn, no augmented batches
 
 
 def _history_without_timing(path) -> list[list[str]]:
@@ -146,77 +264,84 @@ def test_same_seed_gives_the_same_history(tmp_path):
     assert a == _history_without_timing(tmp_path / "b" / "out" / "history.csv")
 
 
-def _train_process(tmp_path, run: str, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-u", str(ROOT / "train.py")]
-    if not extra:
-        cmd += quick_args(tmp_path / run, "--epochs", "6", "--max-rows", "800", "--arch", "basic")
-    return subprocess.Popen([*cmd, *extra], stdout=subprocess.PIPE, text=True, env=os.environ)
+def _train_process(*args: str) -> subprocess.Popen:
+    command = [sys.executable, "-u", str(ROOT / "train.py"), *args]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=os.environ)
 
 
 def test_a_run_killed_after_an_epoch_resumes_to_identical_weights(tmp_path):
-    killed = _train_process(tmp_path, "killed")
+    run = ["--epochs", "6", "--max-rows", "800", "--arch", "basic"]
+    killed = _train_process(*quick_args(tmp_path / "killed", *run))
     for line in killed.stdout:
         if line.startswith("epoch   2/6"):
             killed.send_signal(signal.SIGKILL)
             break
-    killed.wait()
-    assert killed.returncode == -signal.SIGKILL
+    assert killed.wait() == -signal.SIGKILL
     last = tmp_path / "killed" / "models" / "last.pt"
-    assert 2 <= models.load_checkpoint(last)["epoch"] < 6, "the kill came after the run finished"
-    resumed = _train_process(
-        tmp_path, "killed", "--resume", str(last), "--quiet", "--no-plots", "--device", "cpu",
-        "--deterministic",
-    )  # fmt: skip
-    assert resumed.wait() == 0
-    whole = _train_process(tmp_path, "whole")
-    assert whole.wait() == 0
-    a = models.load_checkpoint(last)
-    b = models.load_checkpoint(tmp_path / "whole" / "models" / "last.pt")
-    assert a["epoch"] == b["epoch"] == 6
-    for name, tensor in b["state_dict"].items():
-        assert torch.equal(a["state_dict"][name], tensor), name
-    assert [h["val_loss"] for h in a["history"]] == [h["val_loss"] for h in b["history"]]
+    assert 2 <= model.load_checkpoint(last)["epoch"] < 6, "the kill came after the run finished"
+    here = ["--quiet", "--no-plots", "--device", "cpu", "--deterministic"]
+    assert _train_process("--resume", str(last), *here).wait() == 0
+    assert _train_process(*quick_args(tmp_path / "whole", *run)).wait() == 0
+    resumed = model.load_checkpoint(last)
+    whole = model.load_checkpoint(tmp_path / "whole" / "models" / "last.pt")
+    assert resumed["epoch"] == whole["epoch"] == 6
+    assert [h["val_loss"] for h in resumed["history"]] == [h["val_loss"] for h in whole["history"]]
+    different = [
+        k for k, w in whole["state_dict"].items() if not torch.equal(resumed["state_dict"][k], w)
+    ]
+    assert different == []
 
 
-def _bad(tmp_path, write_csv):
-    corrupt = tmp_path / "corrupt.pt"
-    corrupt.write_bytes(os.urandom(256))
-    foreign = tmp_path / "foreign.pt"
-    torch.save({"weights": torch.zeros(3)}, foreign)
-    unlabelled = write_csv("u.csv", make_table(30, labelled=False), "digit-recognizer-test")
-    return [
+def _bad_checkpoints(folder) -> None:
+    (folder / "corrupt.pt").write_bytes(os.urandom(256))
+    torch.save({"weights": torch.zeros(3)}, folder / "foreign.pt")
+    header = ",".join(dataset.LAYOUTS["digit-recognizer-test"][0])
+    table = make_table(30, labelled=False)
+    np.savetxt(folder / "u.csv", table, fmt="%d", delimiter=",", header=header, comments="")
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
         (["--arch", "resnet999"], "--arch resnet999: unknown architecture"),
         (["--epochs", "0"], "--epochs 0: must be at least 1"),
+        (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
         (["--ensemble", "0"], "--ensemble 0: must be at least 1"),
+        (["--lr", "0"], "--lr 0.0: must be positive"),
+        (["--label-smoothing", "1"], "--label-smoothing 1.0: must be in [0, 1)"),
+        (["--max-rows", "5"], "--max-rows 5: must be at least 20"),
         (["--val-split", "1.5"], "--val-split 1.5: must be between 0 and 1"),
         (["--val-split", "0"], "--val-split 0.0: must be between 0 and 1"),
         (["--optimizer", "rmsprop"], "invalid choice: 'rmsprop'"),
-        (["--resume", str(tmp_path / "nope.pt")], "nope.pt: no such checkpoint"),
-        (["--resume", str(corrupt)], "corrupt.pt: not a loadable checkpoint"),
-        (["--resume", str(foreign)], "foreign.pt: not a checkpoint of this project"),
-        (["--train", str(unlabelled)], "u.csv: has no label column"),
+        (["--resume", "{folder}/nope.pt"], "nope.pt: no such checkpoint"),
+        (["--resume", "{folder}/corrupt.pt"], "corrupt.pt: not a loadable checkpoint"),
+        (["--resume", "{folder}/foreign.pt"], "foreign.pt: not a checkpoint of this project"),
+        (["--train", "{folder}/u.csv"], "u.csv: has no label column"),
         (["--device", "tpu"], "--device tpu: unknown device"),
-    ]
+    ],
+)
+def test_a_bad_setting_gets_one_line_and_exit_2(tmp_path, capsys, flags, expected):
+    _bad_checkpoints(tmp_path)
+    flags = [flag.format(folder=tmp_path) for flag in flags]
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train.main, [*quick_args(tmp_path), *flags])
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: ")
+    assert expected in line
 
 
-def test_bad_settings_get_one_line_and_exit_2(tmp_path, write_csv, capsys):
-    for extra, expected in _bad(tmp_path, write_csv):
-        with pytest.raises(SystemExit) as exit_info:
-            dataset.run_cli(train.main, [*quick_args(tmp_path), *extra])
-        assert exit_info.value.code == 2, extra
-        err = capsys.readouterr().err
-        assert err.startswith("error: ") and err.count("\n") == 1, err
-        assert expected in err, (extra, err)
-
-
-def test_resuming_a_best_checkpoint_or_incompatible_weights_is_refused(tmp_path, capsys):
-    train.main(quick_args(tmp_path, "--epochs", "1", "--max-rows", "300", "--arch", "basic"))
-    best = tmp_path / "models" / "best.pt"
-    last = models.load_checkpoint(tmp_path / "models" / "last.pt")
-    mismatched = tmp_path / "mismatched.pt"
-    models.save_checkpoint(mismatched, {**last, "arch": "lenet"})
-    for path, expected in ((best, "not resumable"), (mismatched, "weights do not fit lenet")):
-        with pytest.raises(SystemExit) as exit_info:
-            dataset.run_cli(train.main, ["--resume", str(path)])
-        assert exit_info.value.code == 2
-        assert expected in capsys.readouterr().err
+@pytest.mark.parametrize(
+    ("checkpoint", "expected"),
+    [("best.pt", "not resumable"), ("mismatched.pt", "weights do not fit lenet")],
+)
+def test_resuming_a_best_checkpoint_or_incompatible_weights_is_refused(
+    one_epoch, tmp_path, capsys, checkpoint, expected
+):
+    last = model.load_checkpoint(one_epoch["last"])
+    model.save_checkpoint(tmp_path / "mismatched.pt", {**last, "arch": "lenet"})
+    path = one_epoch["best"] if checkpoint == "best.pt" else tmp_path / checkpoint
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train.main, ["--resume", str(path)])
+    assert exit_info.value.code == 2
+    assert expected in capsys.readouterr().err

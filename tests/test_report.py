@@ -1,0 +1,165 @@
+"""The evaluation report's numbers, figures and pages on predictions made up to hold known
+mistakes (or none), so that every fact is checked without a model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import make_table
+
+import dataset
+import plots
+import report
+
+NAMES = list(dataset.DIGIT_CLASSES)
+MISTAKES = {(3, 5): 4, (7, 1): 2, (9, 4): 1}  # (true, predicted): how often
+
+
+def predictions(mistakes: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """200 images, 20 of each class, their labels and probabilities: 0.9 on the predicted class,
+    which is the true one but for `mistakes`."""
+    labels = np.repeat(np.arange(10), 20)
+    preds = labels.copy()
+    for (true, pred), count in mistakes.items():
+        preds[np.flatnonzero(labels == true)[:count]] = pred
+    probs = np.full((len(labels), 10), 0.1 / 9)
+    probs[np.arange(len(labels)), preds] = 0.9
+    images = make_table(len(labels), labelled=False).reshape(-1, 28, 28).astype(np.uint8)
+    return images, labels, probs
+
+
+@pytest.fixture(scope="module")
+def metrics() -> dict:
+    _, labels, probs = predictions(MISTAKES)
+    return report.compute_metrics(labels, probs, NAMES)
+
+
+def test_accuracy_and_errors(metrics):
+    assert (metrics["rows"], metrics["errors"]) == (200, 7)
+    assert metrics["accuracy"] == pytest.approx(193 / 200)
+
+
+def test_the_confusion_matrix_counts_each_mistake_in_its_cell(metrics):
+    cm = np.array(metrics["confusion_matrix"])
+    off_diagonal = {(t, p): int(cm[t, p]) for t in range(10) for p in range(10) if t != p}
+    assert {cell: n for cell, n in off_diagonal.items() if n} == MISTAKES
+
+
+def test_per_class_support_errors_and_error_rate(metrics):
+    three = metrics["per_class"]["3"]
+    assert (three["support"], three["errors"]) == (20, 4)
+    assert three["error_rate"] == pytest.approx(0.2)
+
+
+def test_per_class_precision_and_recall(metrics):
+    five = metrics["per_class"]["5"]  # 20 right, 4 threes taken for fives
+    assert five["precision"] == pytest.approx(20 / 24)
+    assert five["recall"] == 1.0
+
+
+def test_confused_pairs_come_most_frequent_first(metrics):
+    pairs = [(p["true"], p["predicted"], p["count"]) for p in metrics["confused_pairs"]]
+    assert pairs == [("3", "5", 4), ("7", "1", 2), ("9", "4", 1)]
+
+
+def test_the_most_misclassified_classes_are_ranked_by_error_rate(metrics):
+    assert metrics["most_misclassified"] == ["3", "7", "9"]
+
+
+def test_log_loss_is_the_mean_negative_log_probability_of_the_truth(metrics):
+    expected = -(193 * np.log(0.9) + 7 * np.log(0.1 / 9)) / 200
+    assert metrics["log_loss"] == pytest.approx(expected)
+
+
+def test_macro_and_weighted_averages_are_there(metrics):
+    assert 0 < metrics["macro_avg"]["f1"] < 1
+    assert 0 < metrics["weighted_avg"]["f1"] < 1
+
+
+def test_the_summary_prints_the_report_and_the_most_confused_pairs(metrics, capsys):
+    report.print_summary(metrics)
+    out = capsys.readouterr().out
+    assert "weighted avg" in out
+    assert "most confused (true -> predicted): 3 -> 5 x4, 7 -> 1 x2, 9 -> 4 x1" in out
+
+
+CONTEXT = {
+    "input": "data/test.csv",
+    "checkpoints": ["models/best.pt"],
+    "tta": False,
+    "submission": "submissions/submission.csv",
+    "seen_in_training": {"rows": 200, "seen": 0, "trained_on": 0},
+    "footer": "made up",
+}
+
+
+def write_report(out_dir, mistakes: dict) -> dict:
+    """The figures and pages of predictions with these mistakes, into out_dir."""
+    images, labels, probs = predictions(mistakes)
+    metrics = report.compute_metrics(labels, probs, NAMES)
+    plots.evaluation_figures(metrics, images, labels, probs, CONTEXT["input"], out_dir)
+    report.write_evaluation(out_dir, metrics, CONTEXT)
+    return metrics
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("report")
+    write_report(out_dir, MISTAKES)
+    return out_dir
+
+
+@pytest.mark.parametrize(
+    "figure",
+    ["confusion_matrix", "per_class_errors", "sample_predictions", "confident_mistakes"],
+)
+def test_every_figure_is_drawn(written, figure):
+    assert (written / f"{figure}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_page_embeds_every_figure(written):
+    assert (written / "report.html").read_text().count("data:image/png;base64,") == 4
+
+
+def test_metrics_json_holds_the_numbers_and_the_context(written):
+    saved = json.loads((written / "metrics.json").read_text())
+    assert (saved["errors"], saved["input"]) == (7, "data/test.csv")
+
+
+def test_the_classification_report_is_written_as_text(written):
+    assert "precision" in (written / "classification_report.txt").read_text()
+
+
+def test_the_page_marks_the_most_misclassified_classes(written):
+    assert (written / "report.html").read_text().count("<tr class=bad>") == 3
+
+
+def test_without_mistakes_no_mistakes_figure_remains(tmp_path):
+    write_report(tmp_path, MISTAKES)
+    write_report(tmp_path, {})  # a later, perfect run into the same folder
+    assert not (tmp_path / "confident_mistakes.png").exists()
+    assert "No mistakes." in (tmp_path / "report.html").read_text()
+
+
+def test_the_prediction_summary_counts_each_predicted_class(tmp_path):
+    _, _, probs = predictions(MISTAKES)
+    report.write_prediction_summary(tmp_path, probs, NAMES, CONTEXT)
+    predicted = json.loads((tmp_path / "metrics.json").read_text())["predicted"]
+    assert (predicted["5"], predicted["3"], sum(predicted.values())) == (24, 16, 200)
+
+
+@pytest.mark.parametrize(
+    ("seen", "words"),
+    [
+        (None, "unknown: the checkpoint predates the fingerprint of its training rows"),
+        (
+            {"rows": 500, "seen": 300, "trained_on": 264},
+            "300 of 500 rows (60.0%) are images the model learned from (264 trained on, 36 in "
+            "its validation split)",
+        ),
+    ],
+)
+def test_the_leak_guard_in_words(seen, words):
+    assert report.describe_seen(seen) == words
