@@ -13,24 +13,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
-import sys
 import tempfile
-import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
+from common import SHARED, machine, timed
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import dataset
+import predict
+import train
 
-import dataset  # noqa: E402
-import predict  # noqa: E402
-import train  # noqa: E402
-
-REAL_DIGITS = ROOT.parent / "shared" / "data" / "mnist_test.csv.gz"
+REAL_DIGITS = SHARED / "data" / "mnist_test.csv.gz"
 
 
 def stratified_folds(labels: np.ndarray, k: int, seed: int = 0) -> list[np.ndarray]:
@@ -78,18 +73,18 @@ def main() -> None:
             train_csv, test_csv = tmp / f"train{k}.csv", tmp / f"test{k}.csv"
             write_csv(train_csv, data.images[train_idx], data.labels[train_idx])
             write_csv(test_csv, data.images[test_idx], data.labels[test_idx])
-            t0 = time.perf_counter()
             run_dir = tmp / f"fold{k}"
-            train.main([
-                "--train", str(train_csv), "--no-plots", "--quiet", "--ensemble",
-                str(args.ensemble), "--model-dir", str(run_dir), "--out-dir", str(run_dir),
-                *args.flags,
-            ])  # fmt: skip
-            seconds = time.perf_counter() - t0
+            flags = ["--train", str(train_csv), "--no-plots", "--quiet"]
+            flags += ["--ensemble", str(args.ensemble), "--model-dir", str(run_dir)]
+            seconds, _ = timed(
+                partial(train.main, [*flags, "--out-dir", str(run_dir), *args.flags])
+            )
             if args.ensemble == 1:
                 members = [str(run_dir / "best.pt")]
             else:
-                members = [str(run_dir / f"seed{s}" / "best.pt") for s in range(args.ensemble)]
+                members = [
+                    str(train.member_dir(run_dir, s) / "best.pt") for s in range(args.ensemble)
+                ]
             row = {
                 "fold": k,
                 "train_seconds": round(seconds, 1),
@@ -103,8 +98,8 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     print(
         f"\n{args.folds}-fold CV on {len(data):,} real digits ({REAL_DIGITS.name}); train.py "
-        f"{' '.join(args.flags) or '(default recipe)'}; {platform.machine()}, {os.cpu_count()} "
-        f"cores; mean train time per fold {statistics.mean(r['train_seconds'] for r in rows):.0f} s"
+        f"{' '.join(args.flags) or '(default recipe)'}; {machine()}; "
+        f"mean train time per fold {statistics.mean(r['train_seconds'] for r in rows):.0f} s"
         + (f" for {args.ensemble} models" if args.ensemble > 1 else "")
     )
     summary = {

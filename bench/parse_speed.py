@@ -10,29 +10,19 @@ from __future__ import annotations
 import argparse
 import gzip
 import os
-import platform
 import shutil
 import statistics
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import SHARED, machine, timed
 
-import dataset  # noqa: E402
-
-DEFAULT = ROOT.parent / "shared" / "data" / "fashion-mnist_train.csv.gz"
-
-
-def timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+DEFAULT = SHARED / "data" / "fashion-mnist_train.csv.gz"
 
 
 def main() -> None:
+    import dataset
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("csv_gz", nargs="?", type=Path, default=DEFAULT)
     parser.add_argument("--repeats", type=int, default=3)
@@ -47,17 +37,14 @@ def main() -> None:
         size_mb = csv.stat().st_size / 1e6
         pandas_s, parse_s, first_load_s, cached_s = [], [], [], []
         for _ in range(args.repeats):  # interleaved, so that machine drift hits both alike
-            pandas_s.append(timed(lambda: pd.read_csv(csv)))
-            parse_s.append(timed(lambda: dataset.read_csv(csv)))
+            pandas_s.append(timed(lambda: pd.read_csv(csv))[0])
+            parse_s.append(timed(lambda: dataset.read_csv(csv))[0])
             shutil.rmtree(os.environ["MNIST_CACHE_DIR"], ignore_errors=True)
-            first_load_s.append(timed(lambda: dataset.load_csv(csv)))
-            cached_s.append(timed(lambda: dataset.load_csv(csv)))
+            first_load_s.append(timed(lambda: dataset.load_csv(csv))[0])
+            cached_s.append(timed(lambda: dataset.load_csv(csv))[0])
         rows = len(dataset.load_csv(csv))
     med = statistics.median
-    print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"Python {platform.python_version()}"
-    )
+    print(f"machine: {machine()}")
     print(
         f"file: {args.csv_gz.name} decompressed, {rows:,} rows, {size_mb:.0f} MB; "
         f"median of {args.repeats}"

@@ -14,17 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-PEER = SHARED / "bench" / "peer_seed.py"
+from common import PEER, ROOT, SHARED, machine, timed
 
 # The peer's evaluation, as the seed READMEs write a prediction script: its own Dataset and CNN,
 # pandas in and out. Prints one JSON line: the loop's seconds and the rows.
@@ -55,20 +52,18 @@ import json, sys, time
 sys.path.insert(0, sys.argv[1])
 import dataset, model, predict
 data = dataset.load_csv(sys.argv[2])
-device = model.pick_device(sys.argv[4])
-if device.type == "cpu":
-    model.keep_freed_memory()
-ens = predict.Ensemble([sys.argv[3]], device)
+ens = predict.Ensemble([sys.argv[3]], *model.setup_device(sys.argv[4]))
 t = time.perf_counter()
 probs = ens.predict_proba(data.images)
 print(json.dumps({"loop_s": time.perf_counter() - t, "rows": len(probs)}))
 """
 
 
-def timed(cmd: list[str], env: dict) -> tuple[float, dict | None]:
-    t = time.perf_counter()
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
-    wall = time.perf_counter() - t
+def run(cmd: list[str], env: dict) -> tuple[float, dict | None]:
+    """Wall seconds of a command, and the JSON line it printed last (None when none)."""
+    wall, out = timed(
+        lambda: subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+    )
     last = out.strip().splitlines()[-1] if out.strip() else ""
     return wall, json.loads(last) if last.startswith("{") else None
 
@@ -79,7 +74,6 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
-    sys.path.insert(0, str(ROOT))
     import torch
 
     import model
@@ -89,34 +83,30 @@ def main() -> None:
         ckpt = tmp / "basic.pt"
         torch.manual_seed(0)
         net = model.build("basic")
-        model.save_checkpoint(ckpt, {
-            "arch": "basic", "arch_kwargs": {}, "state_dict": net.state_dict(),
-            "mean": 0.1307, "std": 0.3081, "class_names": list("0123456789"),
-        })  # fmt: skip
+        weights = {"arch": "basic", "arch_kwargs": {}, "state_dict": net.state_dict()}
+        normalization = {"mean": 0.1307, "std": 0.3081, "class_names": list("0123456789")}
+        model.save_checkpoint(ckpt, {**weights, **normalization})
         env = {**os.environ, "MNIST_CACHE_DIR": str(tmp / "cache")}
         py = sys.executable
-        peer_cmd = [
-            py, "-c", PEER_PREDICT, str(PEER.parent), args.csv, str(ckpt), str(tmp / "p.csv"),
-        ]  # fmt: skip
-        ours_cmd = [
-            py, str(ROOT / "predict.py"), "--checkpoint", str(ckpt), "--input", args.csv,
-            "--output", str(tmp / "o.csv"), "--no-report", "--device", args.device,
-        ]  # fmt: skip
+        peer_cmd = [py, "-c", PEER_PREDICT, str(PEER.parent), args.csv, str(ckpt)]
+        peer_cmd.append(str(tmp / "p.csv"))
+        ours_cmd = [py, str(ROOT / "predict.py"), "--checkpoint", str(ckpt), "--input", args.csv]
+        ours_cmd += ["--output", str(tmp / "o.csv"), "--no-report", "--device", args.device]
         loop_cmd = [py, "-c", OUR_LOOP, str(ROOT), args.csv, str(ckpt), args.device]
         runs: dict[str, list] = {"peer": [], "cold": [], "warm": [], "loop": []}
         for _ in range(args.repeats):
-            runs["peer"].append(timed(peer_cmd, env))
-            subprocess.run(["rm", "-rf", str(tmp / "cache")], check=True)
-            runs["cold"].append(timed(ours_cmd, env))  # parses the CSV
-            runs["warm"].append(timed(ours_cmd, env))  # reads the parse cache
-            runs["loop"].append(timed(loop_cmd, env))
+            runs["peer"].append(run(peer_cmd, env))
+            shutil.rmtree(tmp / "cache", ignore_errors=True)
+            runs["cold"].append(run(ours_cmd, env))  # parses the CSV
+            runs["warm"].append(run(ours_cmd, env))  # reads the parse cache
+            runs["loop"].append(run(loop_cmd, env))
     rows = runs["peer"][0][1]["rows"]
     median = {k: statistics.median(w for w, _ in v) for k, v in runs.items()}
     peer_loop = statistics.median(j["loop_s"] for _, j in runs["peer"])
     our_loop = statistics.median(j["loop_s"] for _, j in runs["loop"])
     print(
-        f"machine: {platform.machine()}, {os.cpu_count()} cores; device {args.device}; "
-        f"{Path(args.csv).name}, {rows:,} rows; median of {args.repeats}"
+        f"machine: {machine()}; device {args.device}; {Path(args.csv).name}, {rows:,} rows; "
+        f"median of {args.repeats}"
     )
     print(f"{'contender':52} {'end to end':>10} {'vs peer':>8}")
     lines = [

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -23,9 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-PEER = SHARED / "bench" / "peer_seed.py"
+from common import PEER, ROOT, SHARED, machine
 
 # Reading both files as each side does at the start of training: the peer with pandas and its
 # float conversion, the project with dataset.read_csv (no cache), then dataset.load_csv twice
@@ -55,9 +52,7 @@ import pandas as pd, torch
 from torch.utils.data import DataLoader
 import dataset, model, predict
 from peer_seed import CNN, CSVDataset
-device = model.pick_device(sys.argv[5])
-if device.type == "cpu":
-    model.keep_freed_memory()
+device, precision = model.setup_device(sys.argv[5])
 ds = CSVDataset(pd.read_csv(sys.argv[3]))
 net = CNN().eval()
 t = time.perf_counter()
@@ -66,8 +61,8 @@ with torch.no_grad():
         net(x).argmax(1)
 peer = len(ds) / (time.perf_counter() - t)
 images = dataset.load_csv(sys.argv[3]).images
-ens = predict.Ensemble([sys.argv[4]], device)
-ens.predict_proba(images[:1024])  # first-call set-up, as the peer's first batch pays it too
+ens = predict.Ensemble([sys.argv[4]], device, precision)
+ens.predict_proba(images[:dataset.EVAL_BATCH_SIZE])  # first-call set-up, as the peer pays
 t = time.perf_counter()
 ens.predict_proba(images)
 print(json.dumps({"peer": peer, "project": len(images) / (time.perf_counter() - t)}))
@@ -93,15 +88,6 @@ def last_json(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-def machine() -> str:
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-        cpu = next(line.split(":", 1)[1].strip() for line in cpuinfo if "model name" in line)
-    except (OSError, StopIteration):
-        cpu = platform.processor() or platform.machine()
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--train", default=str(SHARED / "data/fashion-mnist_train.csv.gz"))
@@ -121,30 +107,27 @@ def main() -> None:
             [py, str(PEER), args.train, args.test, str(args.epochs)], env
         )
         peer = last_json(peer_out)
-        ours_wall, ours_rss, _ = run(
-            [py, str(ROOT / "train.py"), "--train", args.train, "--test", args.test,
-             "--device", args.device, "--quiet", "--out-dir", str(tmp / "out"),
-             "--model-dir", str(tmp / "models"), *flags],
-            env,
-        )  # fmt: skip
+        ours = [py, str(ROOT / "train.py"), "--train", args.train, "--test", args.test]
+        ours += ["--device", args.device, "--quiet", "--out-dir", str(tmp / "out")]
+        ours_wall, ours_rss, _ = run([*ours, "--model-dir", str(tmp / "models"), *flags], env)
         ours = json.loads((tmp / "out" / "metrics.json").read_text())
         fresh_cache = {**env, "MNIST_CACHE_DIR": str(tmp / "cache2")}
-        loads = last_json(run([py, "-c", LOADS, str(ROOT), str(PEER.parent), args.train,
-                               args.test], fresh_cache)[2])  # fmt: skip
-        inference = last_json(run([py, "-c", INFERENCE, str(ROOT), str(PEER.parent),
-                                   args.test, str(tmp / "models" / "best.pt"),
-                                   args.device], env)[2])  # fmt: skip
+        paths = [str(ROOT), str(PEER.parent)]
+        loads = last_json(run([py, "-c", LOADS, *paths, args.train, args.test], fresh_cache)[2])
+        best = str(tmp / "models" / "best.pt")
+        inference_cmd = [py, "-c", INFERENCE, *paths, args.test, best, args.device]
+        inference = last_json(run(inference_cmd, env)[2])
     peer_ips = peer["train_rows"] / statistics.mean(peer["epoch_s"])
     met = ours["test_acc"] >= peer["test_acc"]
+    cached = "cached load, both files (s; the peer parses again)"
     rows = [
         ("CSV parse, both files (s)", loads["peer"], loads["parse"], "{:.2f}", True),
-        ("cached load, both files (s; the peer parses again)", loads["peer"], loads["cached"],
-         "{:.3f}", True),
+        (cached, loads["peer"], loads["cached"], "{:.3f}", True),
         ("training throughput (images/s)", peer_ips, ours["train_images_per_s"], "{:,.0f}", False),
         ("wall time, process start to exit (s)", peer_wall, ours_wall, "{:.1f}", True),
         ("inference (images/s)", inference["peer"], inference["project"], "{:,.0f}", False),
         ("peak memory, training process (MB)", peer_rss / 1e6, ours_rss / 1e6, "{:,.0f}", True),
-    ]  # fmt: skip
+    ]
     print(f"machine: {machine()}; project device {args.device}, the peer as written (CPU)")
     print(
         f"files: {Path(args.train).name}, {Path(args.test).name}; peer: {args.epochs} "
