@@ -1,17 +1,45 @@
 """What every command-line entry point shares: the one-line user error, an argument parser that
-shows every default, running a main function with clean exits, and where outputs go by default."""
+shows every default, running a main function with clean exits (errors, Ctrl-C, SIGTERM, a closed
+pipe), and where outputs go by default."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+MAX_ERROR_CHARS = 300  # an error line longer than this is cut in the middle
+
+
+def one_line(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """`text` as one line of printable characters (others escaped, as \\x1b), at most `limit`
+    long: a longer one loses its middle, so that the start and the advice at the end remain."""
+    text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+    if len(text) <= limit:
+        return text
+    tail = limit // 3
+    return f"{text[: limit - tail - 5]} ... {text[-tail:]}"
+
 
 class UserError(Exception):
-    """Bad input or a bad flag: a CLI prints it as one `error:` line and exits with code 2."""
+    """Bad input or a bad flag: a CLI prints it as one `error:` line (printable, bounded) and
+    exits with `exit_code`, 2."""
+
+    exit_code = 2
+
+    def __init__(self, message: str) -> None:
+        super().__init__(one_line(message))
+
+
+class Terminated(Exception):
+    """SIGTERM arrived: stop as Ctrl-C stops, keeping what was saved."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
 
 
 class CLIParser(argparse.ArgumentParser):
@@ -26,19 +54,27 @@ class CLIParser(argparse.ArgumentParser):
 
 
 def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:
-    """Run a CLI entry point, turning a UserError into one line on stderr and exit code 2."""
+    """Run a CLI entry point: a UserError becomes one line on stderr and its exit code (2, or 1
+    for a failure that is not the user's); Ctrl-C and SIGTERM stop it with one line and 130 or
+    143; output into a closed pipe ends it quietly with 141."""
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         main(argv)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(e.exit_code) from None
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        raise SystemExit(143) from None
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise SystemExit(141) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def first_line(error: BaseException) -> str:

@@ -23,14 +23,16 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from atomic import atomic_write
+from atomic import WriteError, atomic_write
 from cli import CLIParser, UserError, first_line, run_cli, working_root
 
 ROOT = Path(__file__).resolve().parent
@@ -77,8 +79,9 @@ def task_of(class_names) -> str:
     return "fashion" if tuple(class_names) == FASHION_CLASSES else "digits"
 
 
-PARSER_VERSION = 1  # bump when parsing changes, so that old cache entries are ignored
+PARSER_VERSION = 2  # bump when parsing changes, so that old cache entries are ignored
 CHUNK_BYTES = 1 << 20
+HEAD_BYTES = 1 << 16  # the first line of a CSV of 28x28 images is far shorter
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 _NEWLINE, _COMMA, _ZERO, _NINE = 10, 44, 48, 57
 
@@ -136,23 +139,63 @@ def _pick_member(zf: zipfile.ZipFile, member: str | None, where: str) -> str:
     return csvs[0]
 
 
+def max_csv_bytes() -> int:
+    """The most CSV bytes read from one file, decompressed ($MNIST_MAX_CSV_BYTES, else 1 GiB:
+    about 400,000 rows, seven times Kaggle's largest MNIST CSV)."""
+    return int(os.environ.get("MNIST_MAX_CSV_BYTES", 1 << 30))
+
+
+def _read_bounded(stream: IO[bytes], where: str) -> bytes:
+    """All of a (decompressing) stream, refused as soon as its first line or its length goes
+    past what a CSV of 28x28 images can be: memory stays bounded whatever the file holds."""
+    head = stream.read(HEAD_BYTES)
+    _check_text(head, where)
+    limit = max_csv_bytes()
+    rest = stream.read(max(0, limit + 1 - len(head)))
+    if len(head) + len(rest) > limit:
+        raise UserError(
+            f"{where}: holds more than {limit:,} bytes of CSV, the limit (a decompression bomb, "
+            "or a larger data set: set $MNIST_MAX_CSV_BYTES to raise it)"
+        )
+    return head + rest
+
+
+def _check_text(head: bytes, where: str) -> None:
+    """Refuse, with a hint, the start of a file that cannot be a CSV of 28x28 images."""
+    odd, even = head[1:400:2].count(0), head[0:400:2].count(0)  # ASCII in UTF-16: every other
+    if head[:2] in (b"\xff\xfe", b"\xfe\xff") or abs(odd - even) > len(head[:400]) // 4:
+        raise UserError(f"{where}: UTF-16 text (re-save it as UTF-8, which CSV readers expect)")
+    if b"\0" in head:
+        raise UserError(f"{where}: binary data at byte {head.index(0):,}, not a CSV text file")
+    if len(head) == HEAD_BYTES and b"\n" not in head:
+        raise UserError(
+            f"{where}:1: no line end in the first {HEAD_BYTES:,} bytes (lines of a CSV of 28x28 "
+            "images are a few thousand characters)"
+        )
+
+
 def read_source_bytes(source: str | Path) -> tuple[bytes, str]:
-    """Raw CSV bytes of a .csv, .csv.gz or .zip(::member) file, and the name used in messages."""
+    """Raw CSV bytes of a .csv, .csv.gz or .zip(::member) file, and the name used in messages;
+    at most max_csv_bytes() of them, checked while decompressing."""
     path, member = split_member(source)
     where = str(path)
     if not path.exists():
         raise UserError(f"{where}: no such file (check the path, or run: {MANUAL_DOWNLOAD})")
-    if path.is_dir():
-        raise UserError(f"{where}: is a directory (give a CSV file)")
+    if not path.is_file():
+        raise UserError(f"{where}: is a directory or device, not a file (give a CSV file)")
     try:
         if path.suffix.lower() == ".zip" or (member and zipfile.is_zipfile(path)):
             with zipfile.ZipFile(path) as zf:
                 name = _pick_member(zf, member, where)
-                return zf.read(name), f"{where}::{name}"
-        raw = path.read_bytes()
-        if path.suffix.lower() == ".gz" or raw[:2] == b"\x1f\x8b":
-            return gzip.decompress(raw), where
-        return raw, where
+                with zf.open(name) as stream:
+                    return _read_bounded(stream, f"{where}::{name}"), f"{where}::{name}"
+        with open(path, "rb") as f:
+            compressed = path.suffix.lower() == ".gz" or f.read(2) == b"\x1f\x8b"
+            f.seek(0)
+            if compressed:
+                with gzip.open(f) as stream:
+                    return _read_bounded(stream, where), where
+            return _read_bounded(f, where), where
     except (zipfile.BadZipFile, gzip.BadGzipFile, zlib.error, EOFError) as e:
         kind = "zip" if path.suffix.lower() == ".zip" else "gzip"
         raise UserError(f"{where}: corrupt {kind} file: {e} (download it again)") from None
@@ -181,7 +224,7 @@ def _detect_layout(header_line: str, where: str) -> tuple[str, int, bool, tuple[
         )
     name = _BY_HEADER.get(tuple(cells))
     if name is None:
-        shown = ",".join(cells[:3]) + (",..." if len(cells) > 3 else "")
+        shown = ",".join(cell[:20] for cell in cells[:3]) + (",..." if len(cells) > 3 else "")
         raise UserError(
             f"{where}:1: unknown header {shown} with {len(cells)} columns (expected "
             "label,1x1..28x28 or label,pixel0..pixel783 or label,pixel1..pixel784, "
@@ -228,7 +271,8 @@ def _cell_problem(cell: str, is_label: bool) -> str | None:
     value = float(text)
     kind = "label" if is_label else "pixel"
     if not value.is_integer():
-        return f"{kind} {text} is not a whole number"
+        scaled = " (pixels scaled to 0..1? multiply them by 255)" if 0 < value < 1 else ""
+        return f"{kind} {text[:20]} is not a whole number{scaled}"
     top = 9 if is_label else 255
     if not 0 <= value <= top:
         return f"{kind} {text} is outside 0..{top}"
@@ -270,16 +314,44 @@ def _parse_chunk_exact(
 
 
 def _tidy(data: bytes, where: str) -> bytes:
-    """The CSV without a byte order mark, with \\n line ends, ending in exactly one."""
+    """The CSV without a byte order mark or quotes, with \\n line ends (ending in exactly one)
+    and commas between cells (a first line without commas may use semicolons or tabs)."""
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
     if b"\r" in data:
         data = data.replace(b"\r\n", b"\n")
+    if b'"' in data:  # numbers and names in quotes: nothing in these files needs them
+        data = data.replace(b'"', b"")
+    first = data[: data.find(b"\n")]
+    if b"," not in first:
+        for separator in (b";", b"\t"):
+            if separator in first:
+                data = data.replace(separator, b",")
+                break
     if re.fullmatch(rb"\s*", data[:65536]) and not data.strip():
         raise UserError(f"{where}: empty file (expected a header or rows of {PIXELS} pixels)")
     if not data.endswith(b"\n"):
         return data + b"\n"
     return data.rstrip(b"\n") + b"\n" if data.endswith(b"\n\n") else data
+
+
+def _has_index_column(header_line: str) -> bool:
+    """Whether a header is a known layout after an unnamed first column (pandas' index)."""
+    first, _, rest = header_line.lower().partition(",")
+    cells = tuple(cell.strip() for cell in rest.split(","))
+    return first.strip() in ("", "unnamed: 0") and cells in _BY_HEADER
+
+
+def _without_index_column(data: bytes, where: str) -> bytes:
+    """The CSV without its unnamed first column, which must be pandas' index: 0, 1, ..., N-1."""
+    header, *rows = data.split(b"\n")[:-1]
+    cut = [row.partition(b",") for row in rows]
+    if [index for index, _, _ in cut] != [str(i).encode() for i in range(len(rows))]:
+        raise UserError(
+            f"{where}: column 1 has no name and is not 0, 1, 2, ... (if it is pandas' index, "
+            "save the file with index=False)"
+        )
+    return b"\n".join([header.partition(b",")[2], *(cells for _, _, cells in cut)]) + b"\n"
 
 
 def _chunk_bounds(data: bytes, start: int) -> list[tuple[int, int]]:
@@ -297,6 +369,10 @@ def parse_csv_bytes(data: bytes, where: str) -> CSVData:
     data = _tidy(data, where)
     first_end = data.index(b"\n")
     first = data[:first_end].decode("utf-8", errors="replace")
+    if _has_index_column(first):
+        data = _without_index_column(data, where)
+        first_end = data.index(b"\n")
+        first = data[:first_end].decode("utf-8", errors="replace")
     layout, ncols, labelled, header = _detect_layout(first, where)
     start = 0 if header is None else first_end + 1
     if start >= len(data):
@@ -339,12 +415,24 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MNIST_CACHE_DIR", DATA_DIR / ".cache"))
 
 
+def _content_sample(path: Path, size: int) -> str:
+    """A hash of the file's first and last MiB: an edit that keeps size, time and inode (an
+    in-place rewrite that restores the modification time) still changes the cache key."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        digest.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        digest.update(f.read(1 << 20))
+    return digest.hexdigest()
+
+
 def _cache_entry(source: str | Path) -> tuple[Path, str]:
     """(cache file, key); the key changes whenever the CSV's bytes may have changed."""
     path, member = split_member(source)
     st = path.stat()
     ident = f"{path.resolve()}::{member}"
-    key = f"v{PARSER_VERSION}|{ident}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+    stamp = f"{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{_content_sample(path, st.st_size)}"
+    key = f"v{PARSER_VERSION}|{ident}|{stamp}"
     stem = re.sub(r"[^A-Za-z0-9_.-]", "_", path.name)
     digest = hashlib.sha1(ident.encode()).hexdigest()[:12]
     return cache_dir() / f"{stem}-{digest}.npz", key
@@ -359,6 +447,8 @@ def load_csv(source: str | Path, cache: bool = True) -> CSVData:
         return read_csv(source)  # raises the right error
     entry, key = _cache_entry(source)
     try:
+        if not entry.is_file():  # absent, or a FIFO or device that np.load would block on
+            raise FileNotFoundError(entry)
         with np.load(entry, allow_pickle=False) as cached:
             if str(cached["key"]) == key:
                 labels = cached["labels"] if bool(cached["labelled"]) else None
@@ -380,8 +470,8 @@ def load_csv(source: str | Path, cache: bool = True) -> CSVData:
                 layout=parsed.layout,
                 source=parsed.source,
             )
-    except OSError:
-        pass  # a read-only project directory only costs the cache
+    except (OSError, WriteError):
+        pass  # a read-only project directory, or a full disk, only costs the cache
     return parsed
 
 
@@ -468,19 +558,29 @@ def download(dest: Path = DATA_DIR, unzip: bool = True, api=None) -> list[Path]:
 # ---------------------------------------------------------------- splits and statistics
 
 
+MIN_TRAIN_ROWS = 2  # one to train on, one to validate
+
+
 def stratified_split(
     labels: np.ndarray, val_fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded (train, validation) indices with each class split in the same proportion."""
+    """Seeded (train, validation) indices with each class split in the same proportion, both
+    non-empty: every class keeps at least one training row, and when rounding leaves validation
+    empty it takes one row of the largest class. Needs MIN_TRAIN_ROWS labels."""
     if not 0 < val_fraction < 1:
         raise UserError(f"--val-split {val_fraction}: must be between 0 and 1 (for example 0.1)")
+    if len(labels) < MIN_TRAIN_ROWS:
+        raise UserError(f"{len(labels)} labelled row: training needs at least {MIN_TRAIN_ROWS}")
     rng = np.random.default_rng(seed)
-    val = []
+    shuffled = []
     for label in np.unique(labels):
         rows = np.flatnonzero(labels == label)
         rng.shuffle(rows)
-        val.append(rows[: round(len(rows) * val_fraction)])
+        shuffled.append(rows)
+    val = [rows[: min(round(len(rows) * val_fraction), len(rows) - 1)] for rows in shuffled]
     val_idx = np.sort(np.concatenate(val))
+    if not len(val_idx):
+        val_idx = max(shuffled, key=len)[:1]
     return np.setdiff1d(np.arange(len(labels)), val_idx), val_idx
 
 
@@ -493,9 +593,19 @@ def row_hashes(images: np.ndarray) -> np.ndarray:
 
 
 def pixel_stats(images: np.ndarray) -> tuple[float, float]:
-    """Mean and standard deviation of the pixels, scaled to 0..1."""
-    x = torch.from_numpy(images).double().div_(255)
-    return float(x.mean()), float(x.std())
+    """Mean and (sample) standard deviation of the pixels, scaled to 0..1: exact, from a
+    histogram of the uint8 values counted a few thousand images at a time (no float copy); the
+    deviation at least 1/255."""
+    counts = np.zeros(256, np.int64)
+    flat = images.reshape(len(images), -1)
+    for start in range(0, len(flat), 1024):
+        counts += np.bincount(flat[start : start + 1024].ravel(), minlength=256)
+    values = np.arange(256, dtype=object)
+    n, total = int(counts.sum()), int((counts.astype(object) * values).sum())
+    squares = int((counts.astype(object) * values * values).sum())
+    mean = Fraction(total, n * 255)
+    variance = Fraction(n * squares - total * total, n * (n - 1) * 255 * 255)
+    return float(mean), max(math.sqrt(variance), 1 / 255)  # blank images would divide by 0
 
 
 # ---------------------------------------------------------------- tensors for training

@@ -3,6 +3,9 @@ uses (`setup_device`); checkpoints, which are data, never code."""
 
 from __future__ import annotations
 
+import inspect
+import io
+import math
 import os
 import platform
 import re
@@ -17,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from atomic import atomic_write
+from atomic import write_files
 from cli import UserError, first_line
 
 CHECKPOINT_FORMAT = 1
@@ -159,9 +162,11 @@ PRECISION_HELP = (
 )
 
 
-def add_device_arguments(parser, precision_default: str) -> None:
+def add_device_arguments(parser, device_default, precision_default) -> None:
     """--device and --precision, as train.py and predict.py take them, on an argparse parser."""
-    parser.add_argument("--device", help="cpu, cuda or mps; None: the best available")
+    parser.add_argument(
+        "--device", default=device_default, help="cpu, cuda or mps; None: the best available"
+    )
     parser.add_argument(
         "--precision", choices=PRECISIONS, default=precision_default, help=PRECISION_HELP
     )
@@ -210,20 +215,7 @@ def pick_device(name: str | None = None) -> torch.device:
     """CUDA (when this torch build has kernels for the GPU), then Apple MPS, then CPU; `name`
     forces one."""
     if name:
-        kind = name.split(":")[0]
-        if kind not in ("cpu", "cuda", "mps"):
-            raise UserError(f"--device {name}: unknown device (choose cpu, cuda or mps)")
-        available = {
-            "cpu": True,
-            "cuda": torch.cuda.is_available(),
-            "mps": torch.backends.mps.is_available(),
-        }
-        if not available[kind]:
-            raise UserError(f"--device {name}: not available on this machine (try --device cpu)")
-        reason = cuda_unsupported_reason(torch.device(name).index or 0) if kind == "cuda" else None
-        if reason:
-            raise UserError(f"--device {name}: {reason} (use --device cpu or another GPU)")
-        return torch.device(name)
+        return _forced_device(name)
     if torch.cuda.is_available():
         reason = cuda_unsupported_reason()
         if reason is None:
@@ -236,6 +228,27 @@ def pick_device(name: str | None = None) -> torch.device:
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def _forced_device(name: str) -> torch.device:
+    """The device --device names, if this machine has it and this torch can run it."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {name}: unknown device (choose cpu, cuda, cuda:N or mps)")
+    available = {
+        "cpu": True,
+        "cuda": torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count(),
+        "mps": torch.backends.mps.is_available(),
+    }
+    if not available[device.type]:
+        raise UserError(f"--device {name}: not available on this machine (try --device cpu)")
+    reason = cuda_unsupported_reason(device.index or 0) if device.type == "cuda" else None
+    if reason:
+        raise UserError(f"--device {name}: {reason} (use --device cpu or another GPU)")
+    return device
 
 
 def cpu_has_native_bf16() -> bool:
@@ -332,10 +345,21 @@ def library_versions() -> dict[str, str]:
     }
 
 
+def _serialized(checkpoint: dict) -> bytes:
+    buffer = io.BytesIO()
+    torch.save({"format": CHECKPOINT_FORMAT, **checkpoint}, buffer)
+    return buffer.getvalue()
+
+
 def save_checkpoint(path: Path, checkpoint: dict) -> None:
     """Write a checkpoint dict atomically."""
-    with atomic_write(path) as f:
-        torch.save({"format": CHECKPOINT_FORMAT, **checkpoint}, f)
+    save_checkpoints({Path(path): checkpoint})
+
+
+def save_checkpoints(checkpoints: dict[Path, dict]) -> None:
+    """Write checkpoints so that a failure (a full disk) changes none of them; each is put in
+    place in the order given."""
+    write_files({path: _serialized(checkpoint) for path, checkpoint in checkpoints.items()})
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -361,7 +385,43 @@ def load_checkpoint(path: str | Path) -> dict:
         )
     if ckpt["format"] != CHECKPOINT_FORMAT:
         raise UserError(f"{path}: checkpoint format {ckpt['format']} is not {CHECKPOINT_FORMAT}")
+    problem = _checkpoint_problem(ckpt)
+    if problem:
+        raise UserError(f"{path}: {problem} (a damaged or hand-edited checkpoint; train a new one)")
     return ckpt
+
+
+MAX_CLASSES = 1000
+MAX_WIDTH = 1024
+
+
+def _checkpoint_problem(ckpt: dict) -> str | None:
+    """What makes a checkpoint's fields unusable, checked before anything is built from them:
+    an unknown architecture, its arguments, the class names for its head, the normalization."""
+    arch, kwargs, names = ckpt["arch"], ckpt["arch_kwargs"], ckpt["class_names"]
+    if not isinstance(arch, str) or arch not in ARCHITECTURES:
+        return f"architecture {arch!r} is not one of {', '.join(ARCHITECTURES)}"
+    parameters = set(inspect.signature(ARCHITECTURES[arch]).parameters)
+    if not isinstance(kwargs, dict) or not kwargs.keys() <= parameters:
+        return f"arch_kwargs {kwargs!r} are not arguments of {arch} ({', '.join(parameters)})"
+    bounds = {"num_classes": (2, MAX_CLASSES), "width": (1, MAX_WIDTH)}
+    for key, value in kwargs.items():
+        low, high = bounds.get(key, (1, MAX_WIDTH))
+        if type(value) is not int or not low <= value <= high:
+            return f"arch_kwargs {key}={value!r} is not a whole number in {low}..{high}"
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        return "class_names is not a list of names"
+    if len(names) != kwargs.get("num_classes", 10):
+        return f"{len(names)} class names for a {kwargs.get('num_classes', 10)}-class network"
+    for key in ("mean", "std"):
+        value = ckpt[key]
+        if type(value) not in (int, float) or not math.isfinite(value):
+            return f"{key} {value!r} is not a number"
+    if not ckpt["std"] > 0:
+        return f"std {ckpt['std']} is not positive"
+    if not isinstance(ckpt["state_dict"], dict):
+        return "state_dict is not a dictionary of weights"
+    return None
 
 
 def _refusal(message: str) -> str:

@@ -114,13 +114,13 @@ def class_distribution(data, path: Path) -> Path:
 def augmented_digits(data, augment, path: Path, n: int = 8, copies: int = 7, seed: int = 0) -> Path:
     """Each row: one original image, then `copies` random augmentations of it."""
     rng = np.random.default_rng(seed)
-    idx = rng.choice(len(data), size=n, replace=False)
+    idx = rng.choice(len(data), size=min(n, len(data)), replace=False)
     x = torch.from_numpy(data.images[idx]).float().div(255).unsqueeze(1)
     g = torch.Generator().manual_seed(seed)
     versions = [x] + [augment(x, g) for _ in range(copies)]
     grid = torch.stack(versions, 1).squeeze(2).mul(255).clamp(0, 255).numpy()
     titles = ["original"] + [f"random {j}" for j in range(1, copies + 1)]
-    titles += [""] * (n - 1) * (copies + 1)
+    titles += [""] * (len(idx) - 1) * (copies + 1)
     suptitle = f"Training augmentation, drawn anew each epoch: {augment.describe()}"
     fig = _digit_grid(grid.reshape(-1, 28, 28), titles, suptitle, cols=copies + 1)
     return _save(fig, path)

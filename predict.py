@@ -16,6 +16,7 @@ import io
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 import dataset
 import model
 import report
-from atomic import atomic_write
+from atomic import atomic_write, ensure_writable
 from cli import CLIParser, UserError, first_line, run_cli, working_root
 
 TTA_SHIFT = 1  # pixels
@@ -78,7 +79,7 @@ def parse_args(argv: list[str] | None) -> Options:
     p.add_argument(
         "--batch-size", type=int, default=default.batch_size, help="images per forward pass"
     )
-    model.add_device_arguments(p, default.precision)
+    model.add_device_arguments(p, default.device, default.precision)
     options = Options(**vars(p.parse_args(argv)))
     if options.image and options.input:
         raise UserError("--image and --input: give one of them")
@@ -222,11 +223,8 @@ def write_submission(path: Path, ids: np.ndarray, probs: np.ndarray, probabiliti
     buf = io.StringIO()
     buf.write(",".join(header) + "\n")
     np.savetxt(buf, table, fmt="%s", delimiter=",")
-    try:
-        with atomic_write(path, "w") as f:
-            f.write(buf.getvalue())
-    except OSError as e:
-        raise UserError(f"--output {path}: cannot write: {e.strerror}") from None
+    with atomic_write(path, "w") as f:
+        f.write(buf.getvalue())
 
 
 # ---------------------------------------------------------------- your own images
@@ -235,17 +233,9 @@ def write_submission(path: Path, ids: np.ndarray, probs: np.ndarray, probabiliti
 def preprocess_image(path: str | Path) -> np.ndarray:
     """An image file as an MNIST digit: grayscale, light background inverted, cropped to the ink,
     fitted into 20x20 keeping the aspect ratio, centred by centre of mass in 28x28 (uint8)."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image
 
-    try:
-        with Image.open(path) as img:
-            img = ImageOps.exif_transpose(img)
-            img.load()
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such image file") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise UserError(f"{path}: not a readable image: {first_line(e)}") from None
-    ink = _ink(img)
+    ink = _ink(_open_image(path))
     if ink.max() <= 0:
         raise UserError(f"{path}: no digit found (the image is blank)")
     ink = ink / ink.max()
@@ -266,6 +256,36 @@ def preprocess_image(path: str | Path) -> np.ndarray:
     out = np.zeros((28, 28), np.uint8)
     out[top : top + patch.shape[0], left : left + patch.shape[1]] = np.asarray(fitted)
     return out
+
+
+MAX_IMAGE_PIXELS = 50_000_000  # 8,660 x 5,773: larger than any phone photo of a digit
+WORK_SIDE = 1024  # an image's longest side while it is prepared; the digit ends 20 pixels tall
+
+
+def _open_image(path: str | Path):
+    """The image, loaded at most WORK_SIDE pixels on its longest side (a JPEG decoded at a
+    reduced scale): memory stays bounded; one over MAX_IMAGE_PIXELS is refused unread."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():  # Pillow warns of large images; they are refused here
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if img.width * img.height > MAX_IMAGE_PIXELS:
+                    raise Image.DecompressionBombError(f"{img.width} x {img.height}")
+                img.draft(None, (WORK_SIDE, WORK_SIDE))
+                img = ImageOps.exif_transpose(img)
+                img.load()
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such image file") from None
+    except Image.DecompressionBombError:
+        raise UserError(
+            f"{path}: more than {MAX_IMAGE_PIXELS:,} pixels, too large to read (resize it)"
+        ) from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable image: {first_line(e)}") from None
+    img.thumbnail((WORK_SIDE, WORK_SIDE))
+    return img
 
 
 def _ink(img) -> np.ndarray:
@@ -395,6 +415,9 @@ def warn_of_seen_rows(ensemble: Ensemble, data: dataset.CSVData) -> dict | None:
 def main(argv: list[str] | None = None) -> dict | list[dict]:
     started = time.perf_counter()
     options = parse_args(argv)
+    ensure_writable(Path(options.output).parent, "--output")
+    if not options.no_report:
+        ensure_writable(options.report_dir, "--report-dir")
     ensemble = Ensemble(options.checkpoint, *model.setup_device(options.device, options.precision))
     if options.image:
         return predict_images(options, ensemble)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -28,8 +29,8 @@ import torch.nn.functional as F
 
 import dataset
 import model
-from atomic import atomic_write, write_json
-from cli import CLIParser, UserError, run_cli, working_root
+from atomic import atomic_write, ensure_writable, write_json
+from cli import CLIParser, Terminated, UserError, run_cli, working_root
 
 # ---------------------------------------------------------------- configuration
 
@@ -97,17 +98,36 @@ class Config:
     resume: str | None = field(default=None, metadata=HERE)
 
     @classmethod
-    def for_task(cls, flags: dict, task: str) -> Config:
-        """The flags given, with the rest of the recipe from their preset for this task."""
-        return cls(**{**asdict(PRESETS[flags["preset"]][task]), **flags})
+    def for_task(cls, given: dict, task: str) -> Config:
+        """The settings given, the rest of the recipe from their preset for this task, and
+        every other setting its default."""
+        preset = given.get("preset", cls.preset)
+        return cls(**{**asdict(PRESETS[preset][task]), **given})
 
     @classmethod
-    def resumed(cls, saved: dict, flags: dict) -> Config:
-        """A saved run's settings (a setting older than the checkpoint gets its default), with
-        how to run here taken from this command line's flags."""
+    def resumed(cls, saved: dict, given: dict, last: Path) -> Config:
+        """The run a last.pt saved (a setting older than the checkpoint gets its default), run
+        as this command line says (the HERE fields) and writing where it says: by default beside
+        `last`, or where the run wrote when `last` is still in its own model folder. --epochs
+        may change; a changed setting of what to train is refused in one line."""
+        names = {f.name for f in fields(cls)}
         here = {f.name for f in fields(cls) if f.metadata == HERE}
-        kept = {f.name: saved[f.name] for f in fields(cls) if f.name in saved.keys() - here}
-        return cls(**kept, **{name: flags[name] for name in here})
+        may_change = here | {"epochs", "model_dir", "out_dir"}
+        default = cls()
+        for name in sorted(given.keys() - may_change):
+            if given[name] != saved.get(name, getattr(default, name)):
+                flag = f"--{name.replace('_', '-')}"
+                raise UserError(
+                    f"{flag} {given[name]}: a resumed run keeps its settings ({flag} "
+                    f"{saved.get(name)}); start a new run to change it"
+                )
+        kept = {name: saved[name] for name in names & saved.keys() - here}
+        in_place = Path(saved.get("model_dir", "")).resolve() == last.parent.resolve()
+        where = {"model_dir": str(last.parent), "out_dir": str(last.parent)}
+        if in_place:
+            where["out_dir"] = saved.get("out_dir", default.out_dir)
+        here_given = {name: value for name, value in given.items() if name in may_change}
+        return cls(**{**kept, **where, **here_given, "resume": str(last)})
 
 
 def recipe_default(name: str) -> str:
@@ -122,45 +142,78 @@ def recipe_default(name: str) -> str:
 
 
 def parse_args(argv: list[str] | None) -> dict:
-    """The command line as a dict of settings: all with their defaults, but the recipe flags
-    (--arch, --epochs, --batch-size, --lr, --augment) only when given."""
-    default = Config()
+    """The settings given on the command line, and only those: one not given takes its
+    default from Config, or, for the recipe, from the preset. (--help shows every default.)"""
+    build_parser(Config()).parse_args(argv)  # --help and every error, with the defaults shown
+    return vars(build_parser(None).parse_args(argv))
+
+
+def build_parser(default: Config | None) -> CLIParser:
+    """The command line's parser: with `default`'s values as defaults, or (None) with every
+    flag absent unless given."""
+
+    def value(name: str):
+        return argparse.SUPPRESS if default is None else getattr(default, name)
+
     p = CLIParser(description="Train a CNN on Kaggle's MNIST CSVs.")
-    data = p.add_argument_group("data")
-    data.add_argument("--train", help="training CSV (.csv, .csv.gz, .zip[::member]); None: found")
-    data.add_argument("--test", help="labelled test CSV, scored once at the end; None: found")
-    data.add_argument("--max-rows", type=int, help="use only the first N training rows")
-    data.add_argument("--val-split", type=float, default=default.val_split, help="validation share")
-    data.add_argument("--seed", type=int, default=default.seed, help="split, init, shuffling")
-    add_recipe_arguments(p.add_argument_group("recipe"), default)
-    run = p.add_argument_group("outputs and running")
-    run.add_argument(
+    add_data_arguments(p.add_argument_group("data"), value)
+    add_recipe_arguments(p.add_argument_group("recipe"), value)
+    add_run_arguments(p.add_argument_group("outputs and running"), value)
+    return p
+
+
+def add_data_arguments(group, value) -> None:
+    """Which rows train, validate and test; `value(name)` is a flag's default."""
+    group.add_argument(
+        "--train", default=value("train"), help="training CSV (.csv, .gz, .zip); None: found"
+    )
+    group.add_argument(
+        "--test", default=value("test"), help="labelled test CSV, scored at the end; None: found"
+    )
+    group.add_argument(
+        "--max-rows", type=int, default=value("max_rows"), help="use the first N training rows"
+    )
+    group.add_argument(
+        "--val-split", type=float, default=value("val_split"), help="validation share"
+    )
+    group.add_argument("--seed", type=int, default=value("seed"), help="split, init, shuffling")
+
+
+def add_run_arguments(group, value) -> None:
+    """Ensembles, where outputs go, how to run here, and --resume."""
+    group.add_argument(
         "--ensemble",
         type=int,
-        default=default.ensemble,
+        default=value("ensemble"),
         help="train N models with seeds SEED..SEED+N-1 into MODEL_DIR/seedK/ (predict.py "
         "averages them: --checkpoint MODEL_DIR/seed*/best.pt)",
     )
-    run.add_argument("--out-dir", default=default.out_dir, help="figures, history, metrics")
-    run.add_argument("--model-dir", default=default.model_dir, help="checkpoints")
-    model.add_device_arguments(run, default.precision)
-    run.add_argument(
-        "--deterministic",
-        action="store_true",
-        help="deterministic algorithms only (torch.use_deterministic_algorithms)",
+    group.add_argument("--out-dir", default=value("out_dir"), help="figures, history, metrics")
+    group.add_argument("--model-dir", default=value("model_dir"), help="checkpoints")
+    model.add_device_arguments(group, value("device"), value("precision"))
+    for flag, what in (
+        ("deterministic", "deterministic algorithms only (torch.use_deterministic_algorithms)"),
+        ("quiet", "no progress bars"),
+        ("no_plots", "draw no figures"),
+    ):
+        group.add_argument(
+            f"--{flag.replace('_', '-')}", action="store_true", default=value(flag), help=what
+        )
+    group.add_argument(
+        "--resume",
+        default=value("resume"),
+        help="continue from this last.pt with its saved settings, writing beside it unless "
+        "--model-dir/--out-dir say otherwise; --epochs extends a run whose schedule allows it",
     )
-    run.add_argument("--quiet", action="store_true", help="no progress bars")
-    run.add_argument("--no-plots", action="store_true", help="draw no figures")
-    run.add_argument("--resume", help="continue from this last.pt; its saved settings apply")
-    return vars(p.parse_args(argv))
 
 
-def add_recipe_arguments(group, default: Config) -> None:
-    """--preset, the five flags it decides (absent unless given), and the rest of the recipe."""
+def add_recipe_arguments(group, value) -> None:
+    """--preset, the five flags it decides (absent unless given), and the rest of the recipe;
+    `value(name)` is a flag's default."""
     group.add_argument(
         "--preset",
         choices=PRESETS,
-        default=default.preset,
+        default=value("preset"),
         help="best (most accurate) or fast (shortest time to accuracy); it sets --arch, "
         "--epochs, --batch-size, --lr and --augment per task unless given",
     )
@@ -185,30 +238,32 @@ def add_recipe_arguments(group, default: Config) -> None:
         for name, (_, kw) in OPTIMIZERS.items()
     )
     group.add_argument(
-        "--optimizer", choices=OPTIMIZERS, default=default.optimizer, help=f"with {settings}"
+        "--optimizer", choices=OPTIMIZERS, default=value("optimizer"), help=f"with {settings}"
     )
     group.add_argument(
-        "--scheduler", choices=SCHEDULERS, default=default.scheduler, help="learning-rate schedule"
+        "--scheduler", choices=SCHEDULERS, default=value("scheduler"), help="learning-rate schedule"
     )
     group.add_argument(
-        "--label-smoothing", type=float, default=default.label_smoothing, help="of the loss"
+        "--label-smoothing", type=float, default=value("label_smoothing"), help="of the loss"
     )
 
 
-def check_flags(flags: dict) -> None:
-    """Reject flags given that cannot train, one line each; a preset's values are valid as they
-    are, and --val-split is checked where the split is made."""
+def check_flags(given: dict) -> None:
+    """Reject settings given that cannot train, one line each; defaults and a preset's values
+    are valid as they are, and --val-split is checked where the split is made."""
     for key in ("epochs", "batch_size", "ensemble"):
-        if key in flags and flags[key] < 1:
-            raise UserError(f"--{key.replace('_', '-')} {flags[key]}: must be at least 1")
-    if "lr" in flags and not flags["lr"] > 0:
-        raise UserError(f"--lr {flags['lr']}: must be positive")
-    if not 0 <= flags["label_smoothing"] < 1:
-        raise UserError(f"--label-smoothing {flags['label_smoothing']}: must be in [0, 1)")
-    if flags["max_rows"] is not None and flags["max_rows"] < 20:
-        raise UserError(f"--max-rows {flags['max_rows']}: must be at least 20")
-    if "arch" in flags:
-        model.require_arch(flags["arch"])
+        if key in given and given[key] < 1:
+            raise UserError(f"--{key.replace('_', '-')} {given[key]}: must be at least 1")
+    if "lr" in given and not 0 < given["lr"] < math.inf:
+        raise UserError(f"--lr {given['lr']}: must be a positive number (for example 3e-3)")
+    if "label_smoothing" in given and not 0 <= given["label_smoothing"] < 1:
+        raise UserError(f"--label-smoothing {given['label_smoothing']}: must be in [0, 1)")
+    if given.get("max_rows") is not None and given["max_rows"] < dataset.MIN_TRAIN_ROWS:
+        raise UserError(
+            f"--max-rows {given['max_rows']}: must be at least {dataset.MIN_TRAIN_ROWS}"
+        )
+    if "arch" in given:
+        model.require_arch(given["arch"])
 
 
 # ---------------------------------------------------------------- data
@@ -237,19 +292,31 @@ class Splits:
         }
 
 
-def load_splits(settings: dict) -> Splits:
+def load_splits(settings: Config) -> Splits:
     """The training CSV (given or found), its first `max_rows` rows split stratified, and the
     test CSV (given, or found when the training CSV was) when it is labelled."""
-    train_source = settings["train"] or dataset.find_data("train")
-    test_source = settings["test"]
-    if test_source is None and settings["train"] is None:
+    train_source = settings.train or dataset.find_data("train")
+    test_source = settings.test
+    if test_source is None and settings.train is None:
         test_source = dataset.find_data("test", announce=False)
     parsed = dataset.load_csv(train_source)
     if parsed.labels is None:
         raise UserError(f"{parsed.source}: has no label column (training needs labelled rows)")
-    rows = slice(settings["max_rows"])
+    rows = slice(settings.max_rows)
     images, labels = parsed.images[rows], parsed.labels[rows]
-    train_rows, val_rows = dataset.stratified_split(labels, settings["val_split"], settings["seed"])
+    if len(labels) < dataset.MIN_TRAIN_ROWS:
+        raise UserError(
+            f"{parsed.source}: {len(labels)} labelled row; training needs at least "
+            f"{dataset.MIN_TRAIN_ROWS} (one to train on, one to validate)"
+        )
+    if len(np.unique(labels)) < 2:
+        name = parsed.class_names[labels[0]]
+        print(
+            f"warning: {parsed.source}: every training row is class {name}, so the model can "
+            f"only learn to answer {name}",
+            file=sys.stderr,
+        )
+    train_rows, val_rows = dataset.stratified_split(labels, settings.val_split, settings.seed)
     test = dataset.load_csv(test_source) if test_source else None
 
     def part(which: np.ndarray) -> dataset.CSVData:
@@ -416,14 +483,18 @@ def restore_training_state(run: Run, last: dict) -> None:
 
 
 def save_checkpoints(run: Run, row: dict) -> None:
-    """last.pt every epoch; best.pt when validation accuracy beats every earlier epoch."""
+    """last.pt every epoch; best.pt when validation accuracy beats every earlier epoch. Both are
+    written before either is replaced, best.pt first: a failure changes neither, and a kill
+    between the two renames leaves a last.pt whose resumed run writes the same best.pt again."""
     model_dir = Path(run.cfg.model_dir)
     state = {**run.checkpoint_meta, "state_dict": run.net.state_dict(), "epoch": run.epoch}
     state["metrics"] = row
+    checkpoints = {}
     if row["val_acc"] > run.best_val_acc:
         run.best_val_acc = row["val_acc"]
-        model.save_checkpoint(model_dir / "best.pt", state)
-    model.save_checkpoint(model_dir / "last.pt", {**state, **training_state(run)})
+        checkpoints[model_dir / "best.pt"] = state
+    checkpoints[model_dir / "last.pt"] = {**state, **training_state(run)}
+    model.save_checkpoints(checkpoints)
 
 
 # ---------------------------------------------------------------- the epoch loop
@@ -436,29 +507,33 @@ def train_epoch(
     precision: model.Precision,
     label_smoothing: float,
     progress: str | None,
-) -> tuple[float, float]:
-    """One pass over the shuffled (and augmented) training batches: mean loss and accuracy.
-    `progress` labels a live progress bar; None shows none."""
+) -> tuple[float, float, int | None]:
+    """One pass over the shuffled (and augmented) training batches: mean loss and accuracy,
+    and the first batch (from 1) whose loss was not finite, if any. `progress` labels a live
+    progress bar; None shows none."""
     from tqdm import tqdm
 
     net.train()
     loss_sum = torch.zeros((), device=batches.device)
     correct = torch.zeros((), device=batches.device, dtype=torch.long)
+    first_bad = torch.zeros((), device=batches.device, dtype=torch.long)  # no sync a batch
     seen = 0
     bar = tqdm(batches, desc=progress, leave=False, disable=progress is None, unit="batch")
-    for i, (xb, yb) in enumerate(bar):
+    for i, (xb, yb) in enumerate(bar, 1):
         with precision.autocast(batches.device):
             logits = net(xb)
         loss = F.cross_entropy(logits.float(), yb, label_smoothing=label_smoothing)
         optimization.step(loss)
+        bad = ~torch.isfinite(loss.detach()) & (first_bad == 0)
+        first_bad = torch.where(bad, i, first_bad)
         loss_sum += loss.detach() * len(yb)
         correct += (logits.argmax(1) == yb).sum()
         seen += len(yb)
-        if progress is not None and i % 20 == 0:
+        if progress is not None and i % 20 == 1:
             bar.set_postfix(
                 loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.2%}"
             )
-    return loss_sum.item() / seen, correct.item() / seen
+    return loss_sum.item() / seen, correct.item() / seen, int(first_bad) or None
 
 
 def score(
@@ -477,44 +552,64 @@ def score(
 
 
 def fit(run: Run) -> None:
-    """The epochs left: train, validate, schedule, then checkpoint, record and print each."""
+    """The epochs left, one after another; a stop by Ctrl-C or SIGTERM says how to resume."""
+    try:
+        for epoch in range(run.epoch + 1, run.cfg.epochs + 1):
+            run_epoch(run, epoch)
+    except (KeyboardInterrupt, Terminated):
+        if run.epoch:
+            last = Path(run.cfg.model_dir) / "last.pt"
+            print(
+                f"stopped in epoch {run.epoch + 1}; {last} holds epoch {run.epoch}: resume with "
+                f"python train.py --resume {last}",
+                file=sys.stderr,
+            )
+        raise
+
+
+def run_epoch(run: Run, epoch: int) -> None:
+    """Train an epoch, validate, schedule, then checkpoint, record and print it; stop at a
+    non-finite loss before anything of the epoch is saved."""
     cfg = run.cfg
-    show = not cfg.quiet and sys.stderr.isatty()
-    for epoch in range(run.epoch + 1, cfg.epochs + 1):
-        started = time.perf_counter()
-        progress = f"epoch {epoch}/{cfg.epochs}" if show else None
-        train_loss, train_acc = train_epoch(
-            run.net,
-            run.train_batches,
-            run.optimization,
-            run.precision,
-            cfg.label_smoothing,
-            progress,
-        )
-        run.train_seconds += time.perf_counter() - started
-        run.epochs_here += 1
-        val_loss, val_acc = score(run.net, run.val_batches, run.precision)
-        lr = run.optimization.lr
-        run.optimization.end_epoch(val_loss)
-        seconds = time.perf_counter() - started
-        row = {
-            "epoch": epoch,
-            "train_loss": round(train_loss, 5),
-            "train_acc": round(train_acc, 5),
-            "val_loss": round(val_loss, 5),
-            "val_acc": round(val_acc, 5),
-            "lr": lr,
-            "seconds": round(seconds, 2),
-        }
-        run.history.append(row)
-        run.epoch = epoch
-        save_checkpoints(run, row)
-        write_history(Path(cfg.out_dir) / "history.csv", run.history)
-        print(
-            f"epoch {epoch:>3}/{cfg.epochs}  train loss {train_loss:.4f} acc {train_acc:6.2%}  "
-            f"val loss {val_loss:.4f} acc {val_acc:6.2%}  lr {lr:.2e}  {seconds:5.1f}s",
-            flush=True,
-        )
+    started = time.perf_counter()
+    progress = f"epoch {epoch}/{cfg.epochs}" if not cfg.quiet and sys.stderr.isatty() else None
+    train_loss, train_acc, bad_batch = train_epoch(
+        run.net, run.train_batches, run.optimization, run.precision, cfg.label_smoothing, progress
+    )
+    run.train_seconds += time.perf_counter() - started
+    run.epochs_here += 1
+    val_loss, val_acc = score(run.net, run.val_batches, run.precision)
+    stop_if_diverged(run, epoch, bad_batch, (train_loss, val_loss))
+    lr = run.optimization.lr
+    run.optimization.end_epoch(val_loss)
+    seconds = time.perf_counter() - started
+    row = {"epoch": epoch, "train_loss": round(train_loss, 5), "train_acc": round(train_acc, 5)}
+    row |= {"val_loss": round(val_loss, 5), "val_acc": round(val_acc, 5), "lr": lr}
+    row["seconds"] = round(seconds, 2)
+    run.history.append(row)
+    run.epoch = epoch
+    save_checkpoints(run, row)
+    write_history(Path(cfg.out_dir) / "history.csv", run.history)
+    print(
+        f"epoch {epoch:>3}/{cfg.epochs}  train loss {train_loss:.4f} acc {train_acc:6.2%}  "
+        f"val loss {val_loss:.4f} acc {val_acc:6.2%}  lr {lr:.2e}  {seconds:5.1f}s",
+        flush=True,
+    )
+
+
+def stop_if_diverged(run: Run, epoch: int, bad_batch: int | None, losses: tuple) -> None:
+    """One line naming the epoch and batch when the training loss (or, after the last batch,
+    the validation loss) stopped being finite, before anything of the epoch is saved."""
+    train_loss, val_loss = losses
+    if not bad_batch and math.isfinite(val_loss):
+        return
+    what = f"batch {bad_batch}: the loss is {train_loss}"
+    if not bad_batch:
+        what = f"batch {len(run.train_batches)} (the last): the weights are no longer finite"
+    raise UserError(
+        f"epoch {epoch}, {what}: training diverged (try a lower --lr than {run.cfg.lr:g}); "
+        "nothing of this epoch was saved"
+    )
 
 
 def write_history(path: Path, history: list[dict]) -> None:
@@ -585,13 +680,16 @@ def finish(run: Run, splits: Splits, started: float) -> dict:
 # ---------------------------------------------------------------- entry points
 
 
-def train(flags: dict, resume: dict | None = None) -> dict:
-    """One training run from its settings (`flags`, checked), or the continuation of `resume`,
-    a last.pt whose settings `flags` then holds. Returns the run's summary."""
+def train(given: dict, resume: dict | None = None) -> dict:
+    """One training run from the settings given, or the continuation of `resume`, a last.pt
+    whose settings `given` then holds in full. Returns the run's summary."""
     started = time.perf_counter()
-    device, precision = model.setup_device(flags["device"], flags["precision"])
-    splits = load_splits(flags)
-    cfg = Config.for_task(flags, splits.task)
+    draft = Config(**given)  # the recipe waits for the task
+    for directory, flag in ((draft.model_dir, "--model-dir"), (draft.out_dir, "--out-dir")):
+        ensure_writable(directory, flag)
+    device, precision = model.setup_device(draft.device, draft.precision)
+    splits = load_splits(draft)
+    cfg = Config.for_task(given, splits.task)
     run = build_run(cfg, splits, device, precision)
     if resume is not None:
         restore_training_state(run, resume)
@@ -613,43 +711,61 @@ def member_dir(root: str | Path, seed: int) -> Path:
     return Path(root) / f"seed{seed}"
 
 
-def train_ensemble(flags: dict) -> dict:
+def train_ensemble(given: dict) -> dict:
     """`ensemble` runs, each with its own seed (split, init, order) and folders."""
-    seeds = range(flags["seed"], flags["seed"] + flags["ensemble"])
+    settings = Config(**given)
+    seeds = range(settings.seed, settings.seed + settings.ensemble)
     members = []
     for k, seed in enumerate(seeds, 1):
-        print(f"ensemble member {k}/{len(seeds)}: {member_dir(flags['model_dir'], seed)}")
+        print(f"ensemble member {k}/{len(seeds)}: {member_dir(settings.model_dir, seed)}")
         member = {"seed": seed, "ensemble": 1}
-        member |= {key: str(member_dir(flags[key], seed)) for key in ("model_dir", "out_dir")}
-        members.append(train({**flags, **member}))
-    checkpoints = " ".join(str(member_dir(flags["model_dir"], s) / "best.pt") for s in seeds)
+        member["model_dir"] = str(member_dir(settings.model_dir, seed))
+        member["out_dir"] = str(member_dir(settings.out_dir, seed))
+        members.append(train({**given, **member}))
+    checkpoints = " ".join(str(member_dir(settings.model_dir, s) / "best.pt") for s in seeds)
     print(f"ensemble of {len(seeds)}; predict with: python predict.py --checkpoint {checkpoints}")
     return {"members": members}
 
 
-def resume_run(flags: dict) -> dict:
-    """Continue the run a last.pt saved, with its settings and this command line's way of
-    running (device, precision, output)."""
-    last = model.load_checkpoint(flags["resume"])
+def resume_run(given: dict) -> dict:
+    """Continue the run a last.pt saved, as Config.resumed says."""
+    path = Path(given["resume"])
+    last = model.load_checkpoint(path)
     if "optimizer" not in last or "rng" not in last:
-        raise UserError(f"{flags['resume']}: not resumable (resume from last.pt, not best.pt)")
-    model.model_from_checkpoint(last, flags["resume"])  # incompatible weights fail here, at once
-    cfg = Config.resumed(last["config"], flags)
+        raise UserError(f"{path}: not resumable (resume from last.pt, not best.pt)")
+    model.model_from_checkpoint(last, path)  # incompatible weights fail here, at once
+    cfg = Config.resumed(last["config"], given, path)
+    check_extension(cfg, last)
     if last["epoch"] >= cfg.epochs:
-        print(f"{flags['resume']}: training already finished ({last['epoch']} epochs)")
+        print(f"{path}: training already finished ({last['epoch']} epochs)")
         return {}
     return train(asdict(cfg), resume=last)
 
 
+def check_extension(cfg: Config, last: dict) -> None:
+    """Refuse an --epochs that a resumed run cannot reach: fewer than it has trained, or more
+    or fewer than a schedule laid out for the whole run (onecycle, cosine, step) was made for."""
+    planned = last["config"]["epochs"]
+    if cfg.epochs < last["epoch"]:
+        raise UserError(f"--epochs {cfg.epochs}: {last['epoch']} epochs are trained already")
+    if cfg.epochs != planned and cfg.scheduler in ("onecycle", "cosine", "step"):
+        raise UserError(
+            f"--epochs {cfg.epochs}: the {cfg.scheduler} schedule of this run was laid out for "
+            f"{planned} epochs (extend runs trained with --scheduler plateau or none, or start a "
+            "new run)"
+        )
+
+
 def main(argv: list[str] | None = None) -> dict:
-    flags = parse_args(argv)
-    check_flags(flags)
-    with model.deterministic_algorithms(flags["deterministic"]):
-        if flags["resume"] is not None:
-            return resume_run(flags)
-        if flags["ensemble"] > 1:
-            return train_ensemble(flags)
-        return train(flags)
+    given = parse_args(argv)
+    check_flags(given)
+    settings = Config(**given)
+    with model.deterministic_algorithms(settings.deterministic):
+        if settings.resume is not None:
+            return resume_run(given)
+        if settings.ensemble > 1:
+            return train_ensemble(given)
+        return train(given)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ def fake_gpu(monkeypatch):
 
     def install(capability, name, archs=KAGGLE_ARCHS) -> None:
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
         monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: list(archs))
@@ -74,6 +75,12 @@ def test_forcing_a_missing_device_is_a_user_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UserError, match="--device cuda: not available"):
         model.pick_device("cuda")
+
+
+def test_forcing_a_gpu_index_the_machine_lacks_is_a_user_error(fake_gpu):
+    fake_gpu(*T4)
+    with pytest.raises(UserError, match="--device cuda:3: not available"):
+        model.pick_device("cuda:3")
 
 
 def test_python_c_with_faked_cuda_queries_shows_the_fallback_line():
@@ -143,12 +150,13 @@ def test_the_precision_variable_sets_the_default_of_both_clis(monkeypatch, varia
         monkeypatch.delenv(model.PRECISION_ENV, raising=False)
     else:
         monkeypatch.setenv(model.PRECISION_ENV, variable)
-    assert (train.parse_args([])["precision"], predict.parse_args([]).precision) == (default,) * 2
+    trained = train.Config(**train.parse_args([])).precision
+    assert (trained, predict.parse_args([]).precision) == (default, default)
 
 
 def test_the_precision_flag_wins_over_the_variable(monkeypatch):
     monkeypatch.setenv(model.PRECISION_ENV, "fp32")
-    assert train.parse_args(["--precision", "bf16"])["precision"] == "bf16"
+    assert train.Config(**train.parse_args(["--precision", "bf16"])).precision == "bf16"
 
 
 @pytest.mark.parametrize("cli", [train.main, predict.main])

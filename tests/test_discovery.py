@@ -67,7 +67,7 @@ def test_kaggle_working_root_moves_every_default_output(monkeypatch):
     monkeypatch.setenv("KAGGLE_WORKING_ROOT", "/elsewhere")
     options = predict.parse_args([])
     outputs = {
-        "models": train.parse_args([])["model_dir"],
+        "models": train.Config(**train.parse_args([])).model_dir,
         "checkpoint": options.checkpoint,
         "submission": options.output,
         "report": options.report_dir,

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from contextlib import redirect_stdout
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -189,16 +190,16 @@ def test_help_shows_what_each_preset_makes_of_a_recipe_flag(capsys):
 
 
 def test_a_resumed_run_keeps_its_settings_but_runs_as_told_here():
-    saved = asdict(train.Config(epochs=7, seed=3, device="cpu", quiet=False))
-    flags = train.parse_args(["--resume", "last.pt", "--epochs", "2", "--quiet"])
-    cfg = train.Config.resumed(saved, flags)
+    saved = asdict(train.Config(epochs=7, seed=3, device="cpu", model_dir="runs/a"))
+    given = train.parse_args(["--resume", "runs/a/last.pt", "--quiet"])
+    cfg = train.Config.resumed(saved, given, Path("runs/a/last.pt"))
     assert (cfg.epochs, cfg.seed) == (7, 3)  # the run's own
-    assert (cfg.device, cfg.quiet, cfg.resume) == (None, True, "last.pt")  # this machine's
+    assert (cfg.device, cfg.quiet, cfg.resume) == (None, True, "runs/a/last.pt")  # this machine's
 
 
 def test_a_setting_newer_than_a_checkpoint_gets_its_default():
     saved = {key: value for key, value in asdict(train.Config(epochs=7)).items() if key != "preset"}
-    assert train.Config.resumed(saved, train.parse_args([])).preset == "best"
+    assert train.Config.resumed(saved, {}, Path("last.pt")).preset == "best"
 
 
 @pytest.fixture(scope="module")
@@ -307,9 +308,10 @@ def _bad_checkpoints(folder) -> None:
         (["--epochs", "0"], "--epochs 0: must be at least 1"),
         (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
         (["--ensemble", "0"], "--ensemble 0: must be at least 1"),
-        (["--lr", "0"], "--lr 0.0: must be positive"),
+        (["--lr", "0"], "--lr 0.0: must be a positive number"),
+        (["--lr", "inf"], "--lr inf: must be a positive number"),
         (["--label-smoothing", "1"], "--label-smoothing 1.0: must be in [0, 1)"),
-        (["--max-rows", "5"], "--max-rows 5: must be at least 20"),
+        (["--max-rows", "1"], "--max-rows 1: must be at least 2"),
         (["--val-split", "1.5"], "--val-split 1.5: must be between 0 and 1"),
         (["--val-split", "0"], "--val-split 0.0: must be between 0 and 1"),
         (["--optimizer", "rmsprop"], "invalid choice: 'rmsprop'"),
