@@ -8,6 +8,7 @@ import argparse
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -57,7 +58,9 @@ def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None =
     """Run a CLI entry point: a UserError becomes one line on stderr and its exit code (2, or 1
     for a failure that is not the user's); Ctrl-C and SIGTERM stop it with one line and 130 or
     143; output into a closed pipe ends it quietly with 141."""
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    previous = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is threading.main_thread():  # only it may set handlers
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         main(argv)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
@@ -74,7 +77,8 @@ def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None =
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise SystemExit(141) from None
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
 
 
 def first_line(error: BaseException) -> str:

@@ -148,16 +148,16 @@ def max_csv_bytes() -> int:
 def _read_bounded(stream: IO[bytes], where: str) -> bytes:
     """All of a (decompressing) stream, refused as soon as its first line or its length goes
     past what a CSV of 28x28 images can be: memory stays bounded whatever the file holds."""
-    head = stream.read(HEAD_BYTES)
-    _check_text(head, where)
+    _check_text(stream.read(HEAD_BYTES), where)
+    stream.seek(0)  # cheap for a file, a gzip stream (64 KiB again) or a zip member
     limit = max_csv_bytes()
-    rest = stream.read(max(0, limit + 1 - len(head)))
-    if len(head) + len(rest) > limit:
+    data = stream.read(limit + 1)
+    if len(data) > limit:
         raise UserError(
             f"{where}: holds more than {limit:,} bytes of CSV, the limit (a decompression bomb, "
             "or a larger data set: set $MNIST_MAX_CSV_BYTES to raise it)"
         )
-    return head + rest
+    return data
 
 
 def _check_text(head: bytes, where: str) -> None:
