@@ -482,15 +482,23 @@ def restore_training_state(run: Run, last: dict) -> None:
     run.history, run.best_val_acc, run.epoch = last["history"], last["best_val_acc"], last["epoch"]
 
 
+def validates_better(row: dict, other: dict) -> bool:
+    """Whether an epoch's history row beats another's: higher validation accuracy, or the same
+    with a lower validation loss. A small validation split saturates (100% at several epochs),
+    and the earliest of those is seldom the best model."""
+    return (row["val_acc"], -row["val_loss"]) > (other["val_acc"], -other["val_loss"])
+
+
 def save_checkpoints(run: Run, row: dict) -> None:
-    """last.pt every epoch; best.pt when validation accuracy beats every earlier epoch. Both are
-    written before either is replaced, best.pt first: a failure changes neither, and a kill
-    between the two renames leaves a last.pt whose resumed run writes the same best.pt again."""
+    """last.pt every epoch; best.pt when the epoch validates better than every earlier one (see
+    `validates_better`). Both are written before either is replaced, best.pt first: a failure
+    changes neither, and a kill between the two renames leaves a last.pt whose resumed run writes
+    the same best.pt again."""
     model_dir = Path(run.cfg.model_dir)
     state = {**run.checkpoint_meta, "state_dict": run.net.state_dict(), "epoch": run.epoch}
     state["metrics"] = row
     checkpoints = {}
-    if row["val_acc"] > run.best_val_acc:
+    if all(validates_better(row, earlier) for earlier in run.history[:-1]):
         run.best_val_acc = row["val_acc"]
         checkpoints[model_dir / "best.pt"] = state
     checkpoints[model_dir / "last.pt"] = {**state, **training_state(run)}

@@ -253,6 +253,20 @@ def test_the_curves_say_how_training_metrics_were_measured(recipes):
     assert titles == ["dropout on, label-smoothed loss"]  # basic_bn, no augmented batches
 
 
+@pytest.mark.parametrize(
+    ("row", "other", "better"),
+    [
+        ((0.99, 0.30), (0.98, 0.01), True),  # higher accuracy wins
+        ((1.0, 0.10), (1.0, 0.12), True),  # a tie in accuracy: the lower loss wins
+        ((1.0, 0.12), (1.0, 0.10), False),
+        ((1.0, 0.10), (1.0, 0.10), False),  # no better than an equal epoch: the earlier stays
+    ],
+)
+def test_best_pt_is_the_epoch_that_validates_best(row, other, better):
+    rows = [{"val_acc": acc, "val_loss": loss} for acc, loss in (row, other)]
+    assert train.validates_better(*rows) == better
+
+
 def _history_without_timing(path) -> list[list[str]]:
     rows = [line.split(",") for line in path.read_text().splitlines()]
     return [row[:-1] for row in rows]  # the last column is seconds
