@@ -144,6 +144,23 @@ def test_cpu_precision(monkeypatch, native_bf16, name, dtype):
     assert (precision.dtype, precision.grad_scaler) == (dtype, name == "fp16")
 
 
+@pytest.mark.parametrize(
+    ("capability", "cpuinfo", "native"),
+    [
+        ("AVX512", "flags : avx2 avx512f avx512_bf16 amx_bf16", True),
+        ("AVX512", "flags : avx2 avx512f", False),
+        ("AVX2", "flags : avx2 avx512f avx512_bf16 amx_bf16", False),
+    ],
+)
+def test_native_bf16_needs_the_flag_and_a_cpu_not_held_to_avx2(
+    monkeypatch, capability, cpuinfo, native
+):
+    monkeypatch.setattr(model.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(model.torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(model.Path, "read_text", lambda self: cpuinfo)
+    assert model.cpu_has_native_bf16() is native
+
+
 @pytest.mark.parametrize(("variable", "default"), [(None, "auto"), ("fp32", "fp32")])
 def test_the_precision_variable_sets_the_default_of_both_clis(monkeypatch, variable, default):
     if variable is None:
