@@ -4,7 +4,7 @@
     python train.py --arch basic --epochs 15 --no-augment
     python train.py --resume models/last.pt          # continue an interrupted run exactly
 
-Writes models/best.pt (best validation accuracy) and models/last.pt every epoch, and
+Writes models/best.pt (lowest validation loss) and models/last.pt every epoch, and
 outputs/history.csv, outputs/training_curves.png and outputs/metrics.json.
 
 Read top to bottom: the configuration (presets, `Config`, the command line), the data, the run
@@ -483,10 +483,11 @@ def restore_training_state(run: Run, last: dict) -> None:
 
 
 def validates_better(row: dict, other: dict) -> bool:
-    """Whether an epoch's history row beats another's: higher validation accuracy, or the same
-    with a lower validation loss. A small validation split saturates (100% at several epochs),
-    and the earliest of those is seldom the best model."""
-    return (row["val_acc"], -row["val_loss"]) > (other["val_acc"], -other["val_loss"])
+    """Whether an epoch's history row beats another's: lower validation loss, or the same with a
+    higher validation accuracy. Accuracy on a small split moves in steps of one image and
+    saturates: trained on 4,500 real digits, 500/500 at epoch 8 beat 499/500 at epoch 12 (loss
+    0.132 against 0.105) and scored 94.6% on other writers against the last epoch's 99%."""
+    return (-row["val_loss"], row["val_acc"]) > (-other["val_loss"], other["val_acc"])
 
 
 def save_checkpoints(run: Run, row: dict) -> None:
@@ -662,6 +663,8 @@ def finish(run: Run, splits: Splits, started: float) -> dict:
         "best_epoch": best["epoch"],
         "best_val_acc": best["metrics"]["val_acc"],
         "train_images_per_s": round(images_per_s),
+        "train_seconds": round(run.train_seconds, 1),
+        "numerics": f"{run.device.type}, {run.precision.describe()}",
         "train_images": len(splits.train),
         "train_source": splits.parsed.source,
     }
@@ -679,8 +682,9 @@ def finish(run: Run, splits: Splits, started: float) -> dict:
             run.history, Path(cfg.out_dir) / "training_curves.png", curves_caption(run)
         )
     print(
-        f"best validation accuracy {summary['best_val_acc']:.2%} at epoch {summary['best_epoch']} "
-        f"-> {Path(cfg.model_dir) / 'best.pt'}; {summary['train_images_per_s']:,} training images/s"
+        f"best epoch {summary['best_epoch']} (validation loss {best['metrics']['val_loss']:.4f}, "
+        f"accuracy {summary['best_val_acc']:.2%}) -> {Path(cfg.model_dir) / 'best.pt'}; "
+        f"{summary['train_images_per_s']:,} training images/s"
     )
     return summary
 
