@@ -15,6 +15,7 @@ import time
 import torch
 import torch.nn.functional as F
 from common import machine
+from study_archs import STUDY
 from torch.utils.flop_counter import FlopCounterMode
 
 import model
@@ -66,7 +67,12 @@ def matmul_gflops(dtype) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arch", nargs="+", default=list(model.ARCHITECTURES))
+    p.add_argument(
+        "--arch",
+        nargs="+",
+        default=list(model.ARCHITECTURES),
+        help=f"default: the project's architectures and the study's ({', '.join(STUDY)})",
+    )
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seconds", type=float, default=4.0, help="timed steps per measurement")
     args = p.parse_args()

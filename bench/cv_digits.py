@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 from common import SHARED, machine, timed
+from study_archs import STUDY
 
 import dataset
 import predict
@@ -107,7 +108,10 @@ def summarize(rows: list[dict], ensemble: int) -> dict[str, str]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog=f"--arch also takes the study's architectures: {', '.join(STUDY)}",
+    )
     p.add_argument("--protocol", choices=("writers", "folds"), default="writers")
     p.add_argument("--folds", type=int, default=5, help="with --protocol folds")
     p.add_argument("--ensemble", type=int, default=1)
