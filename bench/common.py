@@ -38,3 +38,12 @@ def machine() -> str:
         cpu = platform.processor() or platform.machine()
     bf16 = "native bf16" if model.cpu_has_native_bf16() else "no native bf16"
     return f"{cpu}, {os.cpu_count()} cores, {bf16}, Python {platform.python_version()}"
+
+
+def numerics_paths(device: str) -> list[str]:
+    """--precision values to run for both numerics paths: the default on `device`, and fp32
+    unless the default already is fp32."""
+    import model
+
+    default = model.precision_for(model.setup_device(device)[0]).describe().split(",")[0]
+    return ["auto"] if default == "fp32" else ["auto", "fp32"]

@@ -3,7 +3,8 @@
 file and the same weights, in one run.
 
 Two figures each: end to end (a fresh process, from start to the predictions CSV written) and the
-inference loop alone (images/s). Median of --repeats runs.
+inference loop alone (images/s). Median of --repeats runs. The project runs on both numerics
+paths: its default on this CPU and --precision fp32.
 
 usage: python bench/predict_speed.py [--repeats N] [--device DEV] [CSV]
 Default file: ../shared/data/mnist_test.csv.gz (10,000 rows).
@@ -21,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import PEER, ROOT, SHARED, machine, timed
+from common import PEER, ROOT, SHARED, machine, numerics_paths, timed
 
 # The peer's evaluation, as the seed READMEs write a prediction script: its own Dataset and CNN,
 # pandas in and out. Prints one JSON line: the loop's seconds and the rows.
@@ -52,7 +53,7 @@ import json, sys, time
 sys.path.insert(0, sys.argv[1])
 import dataset, model, predict
 data = dataset.load_csv(sys.argv[2])
-ens = predict.Ensemble([sys.argv[3]], *model.setup_device(sys.argv[4]))
+ens = predict.Ensemble([sys.argv[3]], *model.setup_device(sys.argv[4], sys.argv[5]))
 t = time.perf_counter()
 probs = ens.predict_proba(data.images)
 print(json.dumps({"loop_s": time.perf_counter() - t, "rows": len(probs)}))
@@ -93,32 +94,51 @@ def main() -> None:
         ours_cmd = [py, str(ROOT / "predict.py"), "--checkpoint", str(ckpt), "--input", args.csv]
         ours_cmd += ["--output", str(tmp / "o.csv"), "--no-report", "--device", args.device]
         loop_cmd = [py, "-c", OUR_LOOP, str(ROOT), args.csv, str(ckpt), args.device]
-        runs: dict[str, list] = {"peer": [], "cold": [], "warm": [], "loop": []}
+        paths = numerics_paths(args.device)
+        runs: dict[str, list] = {"peer": []}
         for _ in range(args.repeats):
             runs["peer"].append(run(peer_cmd, env))
-            shutil.rmtree(tmp / "cache", ignore_errors=True)
-            runs["cold"].append(run(ours_cmd, env))  # parses the CSV
-            runs["warm"].append(run(ours_cmd, env))  # reads the parse cache
-            runs["loop"].append(run(loop_cmd, env))
+            for path in paths:
+                precision = ["--precision", path]
+                shutil.rmtree(tmp / "cache", ignore_errors=True)
+                runs.setdefault(f"cold {path}", []).append(run([*ours_cmd, *precision], env))
+                runs.setdefault(f"warm {path}", []).append(run([*ours_cmd, *precision], env))
+                runs.setdefault(f"loop {path}", []).append(run([*loop_cmd, path], env))
     rows = runs["peer"][0][1]["rows"]
     median = {k: statistics.median(w for w, _ in v) for k, v in runs.items()}
-    peer_loop = statistics.median(j["loop_s"] for _, j in runs["peer"])
-    our_loop = statistics.median(j["loop_s"] for _, j in runs["loop"])
+    loops = {
+        k: statistics.median(j["loop_s"] for _, j in v)
+        for k, v in runs.items()
+        if printed_loop_time(v)
+    }
+    default = model.precision_for(torch.device(args.device)).describe().split(",")[0]
+    names = {"auto": default}
     print(
         f"machine: {machine()}; device {args.device}; {Path(args.csv).name}, {rows:,} rows; "
         f"median of {args.repeats}"
     )
-    print(f"{'contender':52} {'end to end':>10} {'vs peer':>8}")
-    lines = [
-        ("peer: pandas, per-row Dataset, DataLoader(100), fp32", median["peer"]),
-        ("predict.py --no-report, first run (parses the CSV)", median["cold"]),
-        ("predict.py --no-report, repeat (parse cache)", median["warm"]),
-    ]
+    print(f"{'contender':64} {'end to end':>10} {'vs peer':>8}")
+    lines = [("peer: pandas, per-row Dataset, DataLoader(100), fp32", median["peer"])]
+    for path in paths:
+        name = names.get(path, path)
+        lines.append(
+            (f"predict.py --no-report, {name}, first run (parses)", median[f"cold {path}"])
+        )
+        lines.append(
+            (f"predict.py --no-report, {name}, repeat (parse cache)", median[f"warm {path}"])
+        )
     for name, wall in lines:
-        print(f"{name:52} {wall:9.2f}s {median['peer'] / wall:7.2f}x")
-    print(f"{'inference loop alone':52} {'images/s':>10} {'vs peer':>8}")
-    for name, loop in (("peer", peer_loop), ("project (Ensemble.predict_proba)", our_loop)):
-        print(f"{name:52} {rows / loop:10,.0f} {peer_loop / loop:7.2f}x")
+        print(f"{name:64} {wall:9.2f}s {median['peer'] / wall:7.2f}x")
+    print(f"{'inference loop alone':64} {'images/s':>10} {'vs peer':>8}")
+    contenders = [("peer", loops["peer"])]
+    contenders += [(f"project, {names.get(p, p)}", loops[f"loop {p}"]) for p in paths]
+    for name, loop in contenders:
+        print(f"{name:64} {rows / loop:10,.0f} {loops['peer'] / loop:7.2f}x")
+
+
+def printed_loop_time(runs: list) -> bool:
+    """Whether a contender's runs printed their loop time."""
+    return runs[0][1] is not None and "loop_s" in runs[0][1]
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import PEER, ROOT, SHARED, machine
+from common import PEER, ROOT, SHARED, machine, numerics_paths
 
 # Reading both files as each side does at the start of training: the peer with pandas and its
 # float conversion, the project with dataset.read_csv (no cache), then dataset.load_csv twice
@@ -89,14 +89,6 @@ def run(cmd: list[str], env: dict) -> tuple[float, int, str]:
 
 def last_json(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
-
-
-def numerics_paths(device: str) -> list[str]:
-    """--precision values to run: the default on `device` and fp32, once each."""
-    import model
-
-    default = model.precision_for(model.setup_device(device)[0]).describe().split(",")[0]
-    return ["auto"] if default == "fp32" else ["auto", "fp32"]
 
 
 def run_project(args, flags: list[str], precision: str, tmp: Path, env: dict) -> dict:
