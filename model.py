@@ -254,10 +254,10 @@ def _forced_device(name: str) -> torch.device:
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX), read at run time. A
     CPU held to AVX2 (ATEN_CPU_CAPABILITY=avx2, as a stand-in for a laptop's CPU) has not."""
-    if platform.system() != "Linux" or not torch.backends.cpu.get_cpu_capability().startswith(
-        "AVX512"
-    ):
+    if platform.system() != "Linux":
         return False
+    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return False  # no AVX-512 kernels: bf16 would be emulated
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
