@@ -40,10 +40,11 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {bf16}, Python {platform.python_version()}"
 
 
-def numerics_paths(device: str) -> list[str]:
-    """--precision values to run for both numerics paths: the default on `device`, and fp32
-    unless the default already is fp32."""
+def numerics_paths(device: str) -> dict[str, str]:
+    """The --precision values to run for both numerics paths, each with the path's name: the
+    default on `device` ("auto": "bfloat16" on a CPU with native bf16), and fp32 unless the
+    default already is fp32."""
     import model
 
     default = model.precision_for(model.setup_device(device)[0]).describe().split(",")[0]
-    return ["auto"] if default == "fp32" else ["auto", "fp32"]
+    return {"auto": default} if default == "fp32" else {"auto": default, "fp32": "fp32"}

@@ -26,9 +26,10 @@ import train
 # first step and the images/s of the rest.
 CHILD = """
 import json, sys, time
-sys.path.insert(0, sys.argv[1])
-import torch, torch.nn.functional as F
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/bench"]
+import torch
 import model
+from arch_cost import training_step
 arch, steps, batch = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 compiled, dtype = sys.argv[5] == "1", None if sys.argv[6] == "fp32" else torch.bfloat16
 model.keep_freed_memory()
@@ -38,16 +39,12 @@ optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
 forward = torch.compile(net) if compiled else net
 x = torch.randn(batch, 1, 28, 28).contiguous(memory_format=torch.channels_last)
 y = torch.randint(0, 10, (batch,))
-def step():
-    with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-        loss = F.cross_entropy(forward(x).float(), y)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-t = time.perf_counter(); step(); first = time.perf_counter() - t
+t = time.perf_counter()
+training_step(forward, x, y, optimizer, dtype)
+first = time.perf_counter() - t
 t = time.perf_counter()
 for _ in range(steps - 1):
-    step()
+    training_step(forward, x, y, optimizer, dtype)
 rate = (steps - 1) * batch / (time.perf_counter() - t)
 print(json.dumps({"first_step_s": first, "images_per_s": rate}))
 """

@@ -111,16 +111,13 @@ def main() -> None:
         for k, v in runs.items()
         if printed_loop_time(v)
     }
-    default = model.precision_for(torch.device(args.device)).describe().split(",")[0]
-    names = {"auto": default}
     print(
         f"machine: {machine()}; device {args.device}; {Path(args.csv).name}, {rows:,} rows; "
         f"median of {args.repeats}"
     )
     print(f"{'contender':64} {'end to end':>10} {'vs peer':>8}")
     lines = [("peer: pandas, per-row Dataset, DataLoader(100), fp32", median["peer"])]
-    for path in paths:
-        name = names.get(path, path)
+    for path, name in paths.items():
         lines.append(
             (f"predict.py --no-report, {name}, first run (parses)", median[f"cold {path}"])
         )
@@ -131,7 +128,7 @@ def main() -> None:
         print(f"{name:64} {wall:9.2f}s {median['peer'] / wall:7.2f}x")
     print(f"{'inference loop alone':64} {'images/s':>10} {'vs peer':>8}")
     contenders = [("peer", loops["peer"])]
-    contenders += [(f"project, {names.get(p, p)}", loops[f"loop {p}"]) for p in paths]
+    contenders += [(f"project, {name}", loops[f"loop {path}"]) for path, name in paths.items()]
     for name, loop in contenders:
         print(f"{name:64} {rows / loop:10,.0f} {loops['peer'] / loop:7.2f}x")
 

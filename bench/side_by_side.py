@@ -72,6 +72,10 @@ print(json.dumps({"peer": peer, "project": len(images) / (time.perf_counter() - 
 """
 
 
+# Where LOADS and INFERENCE import from: the project's modules and the peer's.
+IMPORT_PATHS = [str(ROOT), str(PEER.parent)]
+
+
 def run(cmd: list[str], env: dict) -> tuple[float, int, str]:
     """Wall seconds from process start to exit, peak RSS in bytes, and stdout of one command."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
@@ -100,9 +104,9 @@ def run_project(args, flags: list[str], precision: str, tmp: Path, env: dict) ->
     cmd += ["--out-dir", str(folder / "out"), "--model-dir", str(folder / "models"), *flags]
     wall, rss, _ = run(cmd, env)
     metrics = json.loads((folder / "out" / "metrics.json").read_text())
-    paths = [str(ROOT), str(PEER.parent)]
     best = str(folder / "models" / "best.pt")
-    inference = [sys.executable, "-c", INFERENCE, *paths, args.test, best, args.device, precision]
+    inference = [sys.executable, "-c", INFERENCE, *IMPORT_PATHS, args.test, best, args.device]
+    inference.append(precision)
     return {
         "wall": wall,
         "rss": rss,
@@ -130,11 +134,9 @@ def main() -> None:
             [py, str(PEER), args.train, args.test, str(args.epochs)], env
         )
         peer = last_json(peer_out)
-        ours = {
-            path: run_project(args, flags, path, tmp, env) for path in numerics_paths(args.device)
-        }
-        paths = [str(ROOT), str(PEER.parent)]
-        loads = last_json(run([py, "-c", LOADS, *paths, args.train, args.test], env)[2])
+        names = numerics_paths(args.device)
+        ours = {path: run_project(args, flags, path, tmp, env) for path in names}
+        loads = last_json(run([py, "-c", LOADS, *IMPORT_PATHS, args.train, args.test], env)[2])
     peer_ips = peer["train_rows"] / statistics.mean(peer["epoch_s"])
     peer_inference = statistics.mean(o["inference"]["peer"] for o in ours.values())
     cached = "cached load, both files (s; the peer parses again)"
@@ -164,7 +166,6 @@ def main() -> None:
             True,
         ),
     ]
-    names = {path: o["metrics"]["numerics"].split(", ")[1] for path, o in ours.items()}
     print(f"machine: {machine()}; project device {args.device}, the peer as written (CPU, fp32)")
     print(
         f"files: {Path(args.train).name}, {Path(args.test).name}; peer: {args.epochs} "

@@ -5,6 +5,8 @@ them paid enough to become a recipe; train.py and predict.py do not know them.""
 
 from __future__ import annotations
 
+from functools import partial
+
 from torch import nn
 
 from model import _conv_bn, register, strong
@@ -19,7 +21,7 @@ def _head(channels: int, num_classes: int) -> list[nn.Module]:
     ]
 
 
-def _space_to_depth(num_classes: int, a: int, b: int) -> nn.Module:
+def _space_to_depth(num_classes: int = 10, *, a: int, b: int) -> nn.Module:
     """28x28x1 -> 14x14x4 with no arithmetic, conv pairs of `a` at 14 and `b` at 7 pixels."""
     return nn.Sequential(
         nn.PixelUnshuffle(2),
@@ -38,28 +40,6 @@ def _conv_pool_bn(cin: int, cout: int) -> list[nn.Module]:
     return [conv, nn.MaxPool2d(2), nn.BatchNorm2d(cout), nn.ReLU()]
 
 
-@register("s2d64")
-def s2d64(num_classes: int = 10) -> nn.Module:
-    return _space_to_depth(num_classes, 64, 128)
-
-
-@register("s2d48")
-def s2d48(num_classes: int = 10) -> nn.Module:
-    return _space_to_depth(num_classes, 48, 96)
-
-
-@register("s2d32")
-def s2d32(num_classes: int = 10) -> nn.Module:
-    return _space_to_depth(num_classes, 32, 96)
-
-
-@register("s2d32w")
-def s2d32w(num_classes: int = 10) -> nn.Module:
-    """Wider late layers: 32 channels at 14x14, 128 at 7x7."""
-    return _space_to_depth(num_classes, 32, 128)
-
-
-@register("st5_48")
 def st5_48(num_classes: int = 10) -> nn.Module:
     """A 5x5 stride-2 stem to 14x14, conv pairs of 48 at 14 and 96 at 7 pixels."""
     stem = nn.Conv2d(1, 32, 5, stride=2, padding=2, bias=False)
@@ -76,7 +56,6 @@ def st5_48(num_classes: int = 10) -> nn.Module:
     )
 
 
-@register("slim28")
 def slim28(num_classes: int = 10) -> nn.Module:
     """Fewer channels at 28x28: one conv of 24 there, pairs of 48 at 14 and 96 at 7 pixels."""
     return nn.Sequential(
@@ -91,7 +70,6 @@ def slim28(num_classes: int = 10) -> nn.Module:
     )
 
 
-@register("slimp")
 def slimp(num_classes: int = 10) -> nn.Module:
     """`slim28` with batch norm and ReLU after each pooling instead of before it."""
     return nn.Sequential(
@@ -104,14 +82,18 @@ def slimp(num_classes: int = 10) -> nn.Module:
     )
 
 
-@register("strong24")
-def strong24(num_classes: int = 10) -> nn.Module:
-    return strong(num_classes, width=24)
-
-
-@register("strong20")
-def strong20(num_classes: int = 10) -> nn.Module:
-    return strong(num_classes, width=20)
-
-
-STUDY = ("s2d64", "s2d48", "s2d32", "s2d32w", "st5_48", "slim28", "slimp", "strong24", "strong20")
+# name: builder(num_classes=10), registered for the bench scripts on import
+BUILDERS = {
+    "s2d64": partial(_space_to_depth, a=64, b=128),
+    "s2d48": partial(_space_to_depth, a=48, b=96),
+    "s2d32": partial(_space_to_depth, a=32, b=96),
+    "s2d32w": partial(_space_to_depth, a=32, b=128),  # wider late layers
+    "st5_48": st5_48,
+    "slim28": slim28,
+    "slimp": slimp,
+    "strong24": partial(strong, width=24),
+    "strong20": partial(strong, width=20),
+}
+for name, builder in BUILDERS.items():
+    register(name)(builder)
+STUDY = tuple(BUILDERS)
