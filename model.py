@@ -424,6 +424,33 @@ def _checkpoint_problem(ckpt: dict) -> str | None:
         return f"std {ckpt['std']} is not positive"
     if not isinstance(ckpt["state_dict"], dict):
         return "state_dict is not a dictionary of weights"
+    return _record_problem(ckpt)
+
+
+EPOCH_RECORD = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")
+
+
+def _record_problem(ckpt: dict) -> str | None:
+    """What makes a checkpoint's record of its training unusable for the report: the
+    temperature, the history of epochs, where its data came from (all optional)."""
+    temperature = ckpt.get("temperature", 1.0)
+    if type(temperature) not in (int, float) or not 0 < temperature < math.inf:
+        return f"temperature {temperature!r} is not a positive number"
+    history = ckpt.get("history", [])
+    if not isinstance(history, list) or not all(
+        isinstance(row, dict) and all(type(row.get(key)) in (int, float) for key in EPOCH_RECORD)
+        for row in history
+    ):
+        return f"history is not a list of epoch records ({', '.join(EPOCH_RECORD)})"
+    data = ckpt.get("data", {"source": "", "train_rows": 0, "val_rows": 0})
+    if not (
+        isinstance(data, dict)
+        and isinstance(data.get("source"), str)
+        and all(type(data.get(key)) is int for key in ("train_rows", "val_rows"))
+    ):
+        return "data is not a record of the training source and its row counts"
+    if not isinstance(ckpt.get("curves", ""), str):
+        return "curves is not a caption"
     return None
 
 

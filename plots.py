@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from matplotlib.ticker import MaxNLocator
 
+import report
 from atomic import atomic_write
 
 DPI = 120
@@ -137,23 +138,29 @@ def exploration_figures(data, augment, out_dir: Path) -> list[Path]:
     return written
 
 
-def training_curves(history: list[dict], path: Path, training_batches: str) -> Path:
-    """Loss and accuracy per epoch, training against validation; `training_batches` says how the
-    training metrics were measured."""
+def training_curves(
+    history: list[dict], best_epoch: int, path: Path, training_batches: str
+) -> Path:
+    """Loss and accuracy per epoch, training against validation, the epoch best.pt kept marked;
+    `training_batches` says how the training metrics were measured."""
     epochs = [h["epoch"] for h in history]
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for key, label, style in (("train", "training", "o-"), ("val", "validation", "s-")):
         loss_ax.plot(epochs, [h[f"{key}_loss"] for h in history], style, label=label, ms=3)
         acc_ax.plot(epochs, [100 * h[f"{key}_acc"] for h in history], style, label=label, ms=3)
-    best = max(history, key=lambda h: h["val_acc"])
-    acc_ax.annotate(
-        f"best {best['val_acc']:.2%}\n(epoch {best['epoch']})",
-        (best["epoch"], 100 * best["val_acc"]),
-        xytext=(0, -40),
-        textcoords="offset points",
-        ha="center",
-        arrowprops={"arrowstyle": "->"},
-    )
+    for best in (h for h in history if h["epoch"] == best_epoch):
+        for ax, value, text in (
+            (loss_ax, best["val_loss"], f"kept: epoch {best_epoch}\nloss {best['val_loss']:.4f}"),
+            (acc_ax, 100 * best["val_acc"], f"kept: epoch {best_epoch}\n{best['val_acc']:.2%}"),
+        ):
+            ax.annotate(
+                text,
+                (best_epoch, value),
+                xytext=(0, 40 if ax is loss_ax else -40),
+                textcoords="offset points",
+                ha="center",
+                arrowprops={"arrowstyle": "->"},
+            )
     loss_ax.set(xlabel="epoch", ylabel="cross-entropy loss", title="Loss")
     acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
     for ax in (loss_ax, acc_ax):
@@ -285,3 +292,122 @@ def evaluation_figures(metrics: dict, images, labels, probs, source: str, out_di
         confident_mistakes(images, probs, labels, names, out_dir / "confident_mistakes.png"),
     ]
     return [path for path in written if path is not None]
+
+
+def review(images, probs, labels, names, path: Path, limit: int = 60) -> Path | None:
+    """The rows --min-confidence set aside, most doubtful first: the top two classes with their
+    probabilities, mistakes in red with the truth; None (and no file) when there are none."""
+    if not len(images):
+        path.unlink(missing_ok=True)
+        return None
+    top2 = np.argsort(-probs[:limit], axis=1, kind="stable")[:, :2]
+    captions = [
+        f"{names[a]} {p[a]:.0%}\n{names[b]} {p[b]:.0%}"
+        for p, (a, b) in zip(probs, top2, strict=False)
+    ]
+    wrong = None if labels is None else top2[:, 0] != labels[:limit]
+    if wrong is not None:
+        captions = [
+            f"{c}\ntrue: {names[t]}" if w else c
+            for c, w, t in zip(captions, wrong, labels, strict=False)
+        ]
+    shown = f"the {min(limit, len(images))} most doubtful of " if len(images) > limit else ""
+    title = f"Set aside for review ({shown}{len(images):,}): the top two classes"
+    return prediction_grid(images[:limit], captions, wrong, title, path)
+
+
+def reliability(calibration: dict, temperatures: list[float], path: Path) -> Path:
+    """The reliability diagram: accuracy against confidence in equal-width bins, before and after
+    calibration (`calibration` as report.calibration gives it), with the rows in each bin."""
+    fig, (ax, count_ax) = plt.subplots(
+        2, 1, figsize=(6.5, 7), height_ratios=(3, 1), sharex=True, layout="constrained"
+    )
+    ax.plot([0, 1], [0, 1], "--", color="gray", lw=1, label="perfectly calibrated")
+    t = ", ".join(f"{x:.3g}" for x in temperatures)
+    for key, label, color in (
+        ("before", "before (temperature 1)", "#dd8452"),
+        ("after", f"after (temperature {t})", BAR),
+    ):
+        bins = calibration[key]["bins"]
+        conf = [b["confidence"] for b in bins]
+        ece = calibration[key]["ece"]
+        ax.plot(
+            conf,
+            [b["accuracy"] for b in bins],
+            "o-",
+            color=color,
+            ms=4,
+            label=f"{label}: ECE {ece:.2%}",
+        )
+        count_ax.bar(
+            [(b["lower"] + b["upper"]) / 2 for b in bins],
+            [b["count"] for b in bins],
+            width=1 / report.CALIBRATION_BINS * (0.45 if key == "before" else 0.9),
+            color=color,
+            alpha=0.7,
+        )
+    ax.set(
+        ylabel="accuracy",
+        xlim=(0, 1),
+        ylim=(0, 1.02),
+        title=f"Reliability: {report.CALIBRATION_BINS} bins of confidence (top probability)",
+    )
+    ax.legend(loc="upper left", fontsize=8)
+    count_ax.set(xlabel="confidence", ylabel="rows", yscale="log")
+    for axis in (ax, count_ax):
+        axis.grid(alpha=0.3)
+        axis.spines[["top", "right"]].set_visible(False)
+    return _save(fig, path)
+
+
+def accuracy_coverage(labels, probs, min_confidence: float | None, path: Path) -> Path:
+    """Accuracy on the most confident rows against the share of rows kept; the point of
+    --min-confidence marked when it was given."""
+    coverage, accuracy = report.accuracy_coverage(labels, probs)
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.plot(100 * coverage, 100 * accuracy, color=BAR)
+    if min_confidence is not None:
+        kept = int((probs.max(1) >= min_confidence).sum())
+        if kept:
+            x, y = 100 * coverage[kept - 1], 100 * accuracy[kept - 1]
+            ax.plot([x], [y], "o", color=MISTAKE)
+            ax.annotate(
+                f"--min-confidence {min_confidence:g}\n{x:.1f}% kept, {y:.2f}% right",
+                (x, y),
+                xytext=(30, -45),
+                textcoords="offset points",
+                ha="left",
+                arrowprops={"arrowstyle": "->"},
+            )
+    low = 100 * accuracy[-1]
+    ax.set(
+        xlabel="coverage: rows kept, most confident first (%)",
+        ylabel="accuracy on them (%)",
+        xlim=(100, max(0, 100 * coverage[0] - 1)),
+        ylim=(max(0, low - (100 - low) * 0.5), 100.2),
+        title="Accuracy against coverage: abstaining on the least confident rows",
+    )
+    ax.grid(alpha=0.3)
+    ax.spines[["top", "right"]].set_visible(False)
+    return _save(fig, path)
+
+
+def calibration_figures(
+    metrics: dict, labels, probs, models: list[dict], min_confidence, out_dir: Path
+) -> list[Path]:
+    """The report's calibration figures: the reliability diagram, accuracy against coverage."""
+    temperatures = [m["temperature"] for m in models]
+    return [
+        reliability(metrics["calibration"], temperatures, out_dir / "reliability.png"),
+        accuracy_coverage(labels, probs, min_confidence, out_dir / "accuracy_coverage.png"),
+    ]
+
+
+def model_figures(models: list[dict], out_dir: Path) -> list[Path]:
+    """Each checkpoint's training curves from the history it holds (checkpoints from before
+    histories were kept draw none): training_curves_1.png and on."""
+    return [
+        training_curves(m["history"], m["epoch"], out_dir / f"training_curves_{k}.png", m["curves"])
+        for k, m in enumerate(models, 1)
+        if m["history"]
+    ]

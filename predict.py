@@ -5,9 +5,12 @@ input, and predictions for your own images.
     python predict.py --input data/test.csv --output submissions/digit-recognizer.csv
     python predict.py --checkpoint a.pt b.pt --tta     # an ensemble of two, test-time augmentation
     python predict.py --image my_digit.png photo.jpg   # your own images
+    python predict.py --min-confidence 0.9             # also list the rows it is unsure of
 
 Writes submissions/submission.csv (ImageId,Label) and, for labelled input, the evaluation report
 in outputs/report/: report.html, metrics.json, classification_report.txt and the figures.
+Probabilities are calibrated: each checkpoint's logits are divided by the temperature train.py
+fitted on its validation split.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ class Options:
     probabilities: bool = False
     tta: bool = False
     image: list[str] | None = None
+    min_confidence: float | None = None
     report_dir: str = field(default_factory=lambda: str(working_root() / "outputs" / "report"))
     no_report: bool = False
     batch_size: int = dataset.EVAL_BATCH_SIZE
@@ -74,6 +78,14 @@ def parse_args(argv: list[str] | None) -> Options:
         "models trained on mirrored images: Fashion-MNIST's)",
     )
     p.add_argument("--image", nargs="+", help="predict these image files instead of a CSV")
+    p.add_argument(
+        "--min-confidence",
+        type=float,
+        metavar="P",
+        help="list the rows whose top probability is under P (0..1) in a review CSV beside the "
+        "submission (<output>_review.csv) and a figure, and report accuracy on the rest; the "
+        "submission still holds every row",
+    )
     p.add_argument("--report-dir", default=default.report_dir, help="evaluation report, figures")
     p.add_argument("--no-report", action="store_true", help="write the submission only")
     p.add_argument(
@@ -87,6 +99,10 @@ def parse_args(argv: list[str] | None) -> Options:
         raise UserError(f"--output {options.output}: is a directory (name a .csv file)")
     if options.batch_size < 1:
         raise UserError(f"--batch-size {options.batch_size}: must be at least 1")
+    if options.min_confidence is not None and not 0 <= options.min_confidence <= 1:
+        raise UserError(f"--min-confidence {options.min_confidence:g}: must be in 0..1")
+    if options.min_confidence is not None and options.image:
+        raise UserError("--min-confidence: applies to CSV input, not --image")
     return options
 
 
@@ -102,6 +118,7 @@ class Member:
     net: torch.nn.Module
     normalize: dataset.Normalize
     mirror: bool  # trained on mirrored images, so test-time augmentation may mirror too
+    temperature: float  # its logits are divided by this (1: a checkpoint never calibrated)
 
 
 def trained_on_mirror_images(checkpoint: dict) -> bool:
@@ -134,7 +151,8 @@ class Ensemble:
         normalize = dataset.Normalize(
             checkpoint["mean"], checkpoint["std"], self.precision.channels_last
         )
-        return Member(path, checkpoint, net, normalize, trained_on_mirror_images(checkpoint))
+        mirror = trained_on_mirror_images(checkpoint)
+        return Member(path, checkpoint, net, normalize, mirror, checkpoint.get("temperature", 1.0))
 
     @property
     def paths(self) -> list[str]:
@@ -146,7 +164,8 @@ class Ensemble:
 
     def describe(self) -> str:
         return ", ".join(
-            f"{m.path} ({m.checkpoint['arch']}, epoch {m.checkpoint.get('epoch', '?')})"
+            f"{m.path} ({m.checkpoint['arch']}, epoch {m.checkpoint.get('epoch', '?')}, "
+            f"temperature {m.temperature:.3g})"
             for m in self.members
         )
 
@@ -168,18 +187,28 @@ class Ensemble:
     def predict_proba(
         self, images: np.ndarray, tta: bool = False, batch_size: int = dataset.EVAL_BATCH_SIZE
     ) -> np.ndarray:
-        """Class probabilities [N, classes] (float32) for uint8 images [N, 28, 28]."""
+        """Calibrated class probabilities [N, classes] (float32) for uint8 images [N, 28, 28]."""
+        return self.probabilities(images, tta, batch_size)[0]
+
+    def probabilities(
+        self, images: np.ndarray, tta: bool = False, batch_size: int = dataset.EVAL_BATCH_SIZE
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Class probabilities [N, classes] (float32) for uint8 images [N, 28, 28], averaged over
+        members (and views): calibrated (each member's logits over its temperature) and raw."""
         batches = dataset.DeviceBatches(images, None, batch_size, self.device, normalize=None)
         out = []
         with torch.inference_mode(), self.precision.autocast(self.device):
             for xb, _ in batches:
-                total, views = 0, 0
+                calibrated, raw, views = 0, 0, 0
                 for member in self.members:
                     for view in tta_views(xb, member.mirror) if tta else [xb]:
-                        total = total + member.net(member.normalize(view)).float().softmax(1)
+                        logits = member.net(member.normalize(view)).float()
+                        calibrated = calibrated + (logits / member.temperature).softmax(1)
+                        raw = raw + logits.softmax(1)
                         views += 1
-                out.append((total / views).cpu())
-        return torch.cat(out).numpy()
+                out.append(torch.stack([calibrated, raw]).cpu() / views)
+        both = torch.cat(out, 1).numpy()
+        return both[0], both[1]
 
 
 def tta_views(x: torch.Tensor, mirror: bool = False) -> list[torch.Tensor]:
@@ -343,7 +372,7 @@ def predict_csv(options: Options, ensemble: Ensemble, started: float) -> dict:
             f"checkpoint's classes are {'/'.join(names[:3])}/...; using the checkpoint's",
             file=sys.stderr,
         )
-    probs = ensemble.predict_proba(data.images, options.tta, options.batch_size)
+    probs, raw = ensemble.probabilities(data.images, options.tta, options.batch_size)
     output = Path(options.output)
     write_submission(output, data.ids, probs, options.probabilities)
     print(f"wrote {output}: {len(data):,} rows (ImageId,Label) from {data.source}")
@@ -355,29 +384,78 @@ def predict_csv(options: Options, ensemble: Ensemble, started: float) -> dict:
     }
     if data.labels is not None:
         summary["accuracy"] = float((probs.argmax(1) == data.labels).mean())
+    if options.min_confidence is not None:
+        summary["abstained"] = abstain(options, data, probs, ensemble.class_names)
     if not options.no_report:
-        return {**summary, **write_report(options, ensemble, data, probs, summary)}
+        return {**summary, **write_report(options, ensemble, data, (probs, raw), summary)}
     if data.labels is not None:
         print(f"accuracy {summary['accuracy']:.2%} on {len(data):,} labelled rows")
     return summary
 
 
-def write_report(options: Options, ensemble: Ensemble, data, probs, summary: dict) -> dict:
+def review_path(output: str | Path) -> Path:
+    """Where --min-confidence lists the rows it is unsure of: beside the submission."""
+    output = Path(output)
+    return output.with_name(f"{output.stem}_review.csv")
+
+
+def abstain(options: Options, data: dataset.CSVData, probs: np.ndarray, names) -> dict:
+    """--min-confidence: the rows whose top probability is under it, most doubtful first, to the
+    review CSV and (with the report) a figure; accuracy on the rows kept. Returns the figures."""
+    doubtful = np.flatnonzero(report.abstentions(probs, options.min_confidence))
+    doubtful = doubtful[np.argsort(probs[doubtful].max(1), kind="stable")]
+    labels = None if data.labels is None else data.labels[doubtful]
+    path = review_path(options.output)
+    write_review(path, data.ids[doubtful], probs[doubtful], labels, names)
+    kept = len(data) - len(doubtful)
+    result = {"min_confidence": options.min_confidence, "rows": len(doubtful), "review": str(path)}
+    result["coverage"] = kept / len(data)
+    line = (
+        f"--min-confidence {options.min_confidence:g}: {len(doubtful):,} of {len(data):,} rows "
+        f"({len(doubtful) / len(data):.1%}) under it -> {path}"
+    )
+    if data.labels is not None:
+        right = np.delete(probs.argmax(1) == data.labels, doubtful)
+        result["accuracy_kept"] = float(right.mean()) if kept else None
+        line += f"; accuracy on the other {kept:,}: " + (f"{right.mean():.2%}" if kept else "-")
+    print(line)
+    if not options.no_report:
+        import plots
+
+        figure = Path(options.report_dir) / "review.png"
+        plots.review(data.images[doubtful], probs[doubtful], labels, names, figure)
+    return result
+
+
+def write_review(path: Path, ids: np.ndarray, probs: np.ndarray, labels, names) -> None:
+    """The review CSV, atomically: ImageId, the top two classes and their probabilities, and
+    the label when known."""
+    top2 = np.argsort(-probs, axis=1, kind="stable")[:, :2]
+    lines = ["ImageId,first,p_first,second,p_second" + ("" if labels is None else ",label")]
+    for i, (first, second) in enumerate(top2):
+        row = [ids[i], names[first], f"{probs[i, first]:.4f}", names[second]]
+        row += [f"{probs[i, second]:.4f}"] + ([] if labels is None else [names[labels[i]]])
+        lines.append(",".join(map(str, row)))
+    with atomic_write(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def write_report(options: Options, ensemble: Ensemble, data, both, summary: dict) -> dict:
     """The evaluation report for labelled input; the predictions figure and metrics.json for
-    unlabelled input. Returns what to add to the summary."""
+    unlabelled input. `both`: the calibrated and raw probabilities. Returns what to add to the
+    summary."""
     import plots
 
+    probs, raw = both
     out_dir = Path(options.report_dir)
     context = {
         "input": data.source,
         "checkpoints": ensemble.paths,
-        "models": [
-            {"arch": ckpt["arch"], "epoch": ckpt.get("epoch"), "metrics": ckpt.get("metrics")}
-            for ckpt in ensemble.checkpoints
-        ],
+        "models": [model_story(member) for member in ensemble.members],
         "tta": options.tta,
         "submission": summary["submission"],
         "seen_in_training": summary["seen_in_training"],
+        "abstained": summary.get("abstained"),
         "predict_seconds": summary["seconds"],
         "versions": model.library_versions(),
         "footer": f"predict.py on {ensemble.device.type} ({ensemble.precision.describe()}), "
@@ -391,12 +469,33 @@ def write_report(options: Options, ensemble: Ensemble, data, probs, summary: dic
         report.write_prediction_summary(out_dir, probs, names, context)
         print(f"wrote {grid} and metrics.json beside it (unlabelled input: predictions only)")
         return {}
-    metrics = report.compute_metrics(data.labels, probs, names)
+    metrics = report.compute_metrics(data.labels, probs, names, raw)
     report.print_summary(metrics)
     plots.evaluation_figures(metrics, data.images, data.labels, probs, data.source, out_dir)
+    plots.calibration_figures(
+        metrics, data.labels, probs, context["models"], options.min_confidence, out_dir
+    )
+    plots.model_figures(context["models"], out_dir)
     page = report.write_evaluation(out_dir, metrics, context)
     print(f"report: {page} (figures, metrics.json and classification_report.txt beside it)")
     return {"report": str(page)}
+
+
+def model_story(member: Member) -> dict:
+    """What the report tells of one checkpoint: architecture, size, recipe, data, training."""
+    ckpt = member.checkpoint
+    return {
+        "checkpoint": member.path,
+        "arch": ckpt["arch"],
+        "parameters": sum(p.numel() for p in member.net.parameters()),
+        "epoch": ckpt.get("epoch"),
+        "metrics": ckpt.get("metrics"),
+        "temperature": member.temperature,
+        "config": ckpt.get("config"),
+        "data": ckpt.get("data"),
+        "history": ckpt.get("history"),
+        "curves": ckpt.get("curves", ""),
+    }
 
 
 def warn_of_seen_rows(ensemble: Ensemble, data: dataset.CSVData) -> dict | None:

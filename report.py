@@ -1,6 +1,8 @@
 """The evaluation report's numbers and pages: scikit-learn's classification report, the confusion
-matrix and the misclassification analysis, the leak guard's count in words, metrics.json, and one
-self-contained HTML page that embeds the figures plots.py drew. No figure code."""
+matrix and the misclassification analysis, calibration (the temperature fit, expected calibration
+error, Brier score, reliability bins), accuracy against coverage, the leak guard's count in words,
+metrics.json, and one self-contained HTML page that embeds the figures plots.py drew. No figure
+code."""
 
 from __future__ import annotations
 
@@ -14,16 +16,25 @@ from atomic import atomic_write, write_json
 
 TOP_PAIRS = 10
 WORST_CLASSES = 3
+CALIBRATION_BINS = 15
+TEMPERATURES = (0.05, 20.0)  # the range fit_temperature searches
+COVERAGES = (1.0, 0.99, 0.98, 0.95, 0.9, 0.8)  # accuracy at these shares of rows kept
 FIGURES = (
     ("confusion_matrix.png", "Confusion matrix"),
     ("per_class_errors.png", "Error rate per class"),
     ("sample_predictions.png", "Sample predictions"),
     ("confident_mistakes.png", "The most confident mistakes"),
+    ("reliability.png", "Reliability diagram"),
+    ("accuracy_coverage.png", "Accuracy against coverage"),
+    ("review.png", "Set aside for review"),
 )
 
 
-def compute_metrics(labels: np.ndarray, probs: np.ndarray, class_names) -> dict:
-    """Every number of the report, JSON-ready, from true labels and predicted probabilities."""
+def compute_metrics(
+    labels: np.ndarray, probs: np.ndarray, class_names, raw: np.ndarray | None = None
+) -> dict:
+    """Every number of the report, JSON-ready, from true labels and predicted probabilities
+    (calibrated; `raw`: the same before calibration, when they differ)."""
     from sklearn.metrics import classification_report, confusion_matrix
 
     names = list(class_names)
@@ -48,6 +59,8 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, class_names) -> dict:
         "confused_pairs": _confused_pairs(cm, names),
         "most_misclassified": ranked[:WORST_CLASSES],
         "classification_report": classification_report(labels, preds, digits=4, **common),
+        "calibration": calibration(labels, probs, probs if raw is None else raw),
+        "accuracy_at_coverage": accuracy_at_coverages(labels, probs),
     }
 
 
@@ -91,6 +104,118 @@ def _confused_pairs(cm: np.ndarray, names: list[str]) -> list[dict]:
 
 def _averages(row: dict) -> dict:
     return {"precision": row["precision"], "recall": row["recall"], "f1": row["f1-score"]}
+
+
+# ---------------------------------------------------------------- calibration
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Class probabilities (float64) of logits [N, classes] divided by `temperature`."""
+    z = np.asarray(logits, np.float64) / temperature
+    z = np.exp(z - z.max(1, keepdims=True))
+    return z / z.sum(1, keepdims=True)
+
+
+def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
+    """Mean negative log-likelihood of the true classes at `temperature`."""
+    p_true = softmax(logits, temperature)[np.arange(len(labels)), labels]
+    return float(-np.log(np.clip(p_true, 1e-300, 1)).mean())
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The temperature that minimises the NLL of `labels` (Guo et al. 2017), raised where needed
+    so that the mean confidence does not exceed the accuracy that Laplace's rule of succession
+    estimates, (right + 1) / (rows + 2). Without that floor a validation split with no mistakes
+    asks for a temperature near 0 and probabilities of 100% that new writers do not earn."""
+    right = int((logits.argmax(1) == labels).sum())
+    cap = (right + 1) / (len(labels) + 2)
+    best = _golden_section(lambda t: nll(logits, labels, t))
+    if softmax(logits, best).max(1).mean() <= cap:
+        return best
+    return _golden_section(lambda t: abs(softmax(logits, t).max(1).mean() - cap))
+
+
+def _golden_section(f, steps: int = 60) -> float:
+    """The minimum of a unimodal function of the temperature, searched over log T in
+    TEMPERATURES."""
+    lo, hi = np.log(TEMPERATURES)
+    ratio = (np.sqrt(5) - 1) / 2
+    for _ in range(steps):
+        a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+        if f(np.exp(a)) <= f(np.exp(b)):
+            hi = b
+        else:
+            lo = a
+    return float(np.exp((lo + hi) / 2))
+
+
+def reliability_bins(probs: np.ndarray, labels: np.ndarray, bins: int = CALIBRATION_BINS) -> list:
+    """Rows binned by confidence (the top probability) into `bins` equal widths of [0, 1]: each
+    non-empty bin's range, count, mean confidence and accuracy."""
+    conf, right = probs.max(1), probs.argmax(1) == labels
+    which = np.minimum((conf * bins).astype(int), bins - 1)
+    return [
+        {
+            "lower": k / bins,
+            "upper": (k + 1) / bins,
+            "count": int((which == k).sum()),
+            "confidence": float(conf[which == k].mean()),
+            "accuracy": float(right[which == k].mean()),
+        }
+        for k in range(bins)
+        if (which == k).any()
+    ]
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray) -> float:
+    """ECE over CALIBRATION_BINS equal-width confidence bins: the mean gap between confidence
+    and accuracy, each bin weighted by its share of rows."""
+    bins = reliability_bins(probs, labels)
+    return sum(b["count"] * abs(b["confidence"] - b["accuracy"]) for b in bins) / len(labels)
+
+
+def brier_score(probs: np.ndarray, labels: np.ndarray) -> float:
+    """The multi-class Brier score: the mean over rows of the squared distance between the
+    probabilities and the one-hot truth (0 is perfect, 2 the worst)."""
+    onehot = np.eye(probs.shape[1])[labels]
+    return float(((probs - onehot) ** 2).sum(1).mean())
+
+
+def calibration(labels: np.ndarray, probs: np.ndarray, raw: np.ndarray) -> dict:
+    """ECE, Brier score, log loss and reliability bins before (`raw`: temperature 1) and after
+    calibration (`probs`)."""
+
+    def scores(p: np.ndarray) -> dict:
+        p_true = p[np.arange(len(labels)), labels]
+        return {
+            "ece": expected_calibration_error(p, labels),
+            "brier": brier_score(p, labels),
+            "log_loss": float(-np.log(np.clip(p_true, 1e-12, 1)).mean()),
+            "mean_confidence": float(p.max(1).mean()),
+            "bins": reliability_bins(p, labels),
+        }
+
+    return {"before": scores(raw), "after": scores(probs)}
+
+
+def accuracy_coverage(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The accuracy-coverage curve: keeping the k most confident rows, for every k, the share
+    of rows kept and the accuracy on them."""
+    order = np.argsort(-probs.max(1), kind="stable")
+    right = (probs.argmax(1) == labels)[order]
+    kept = np.arange(1, len(labels) + 1)
+    return kept / len(labels), np.cumsum(right) / kept
+
+
+def accuracy_at_coverages(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """Accuracy on the most confident rows at each share of COVERAGES, keyed "0.99" and so on."""
+    _, accuracy = accuracy_coverage(labels, probs)
+    return {f"{c:g}": float(accuracy[max(1, round(c * len(labels))) - 1]) for c in COVERAGES}
+
+
+def abstentions(probs: np.ndarray, min_confidence: float) -> np.ndarray:
+    """Which rows the model abstains on: its top probability is under `min_confidence`."""
+    return probs.max(1) < min_confidence
 
 
 def print_summary(metrics: dict) -> None:
@@ -215,6 +340,103 @@ def _summary_table(metrics: dict, context: dict) -> str:
     )
 
 
+def _model_section(models: list[dict], fig_dir: Path) -> list[str]:
+    """Each checkpoint's story: architecture and size, recipe, training data, its curves."""
+    parts = ["<h2>The model</h2>"]
+    for k, m in enumerate(models, 1):
+        cfg, data = m.get("config") or {}, m.get("data") or {}
+        recipe = ", ".join(
+            f"{key.replace('_', ' ')} {cfg[key]}"
+            for key in RECIPE_KEYS
+            if key in cfg and cfg[key] is not None
+        )
+        trained = "unknown (the checkpoint predates this record)"
+        if data:
+            trained = (
+                f"{data['train_rows']:,} images from {data['source']} "
+                f"({data['val_rows']:,} more for validation)"
+            )
+        best = m.get("metrics") or {}
+        kept = f"epoch {m['epoch']}"
+        if "val_loss" in best:
+            kept += f": validation loss {best['val_loss']:.4f}, accuracy {best['val_acc']:.2%}"
+        rows = [
+            ["checkpoint", m["checkpoint"]],
+            ["architecture", f"{m['arch']}, {m['parameters']:,} parameters"],
+            ["recipe", recipe or "unknown"],
+            ["trained on", trained],
+            ["kept", kept],
+            ["temperature", _temperature_text(m["temperature"])],
+        ]
+        if len(models) > 1:
+            parts.append(f"<h3>Member {k}</h3>")
+        parts.append(_table(None, rows))
+        curves = fig_dir / f"training_curves_{k}.png"
+        if m.get("history") and curves.is_file():
+            parts.append(_figure(curves, f"training curves of {m['checkpoint']}"))
+    return parts
+
+
+RECIPE_KEYS = ("preset", "epochs", "batch_size", "lr", "optimizer", "scheduler")
+RECIPE_KEYS += ("label_smoothing", "augment", "seed")
+
+
+def _temperature_text(temperature: float) -> str:
+    if temperature == 1.0:
+        return "1 (not calibrated: the checkpoint predates calibration)"
+    return f"{temperature:.3g}, fitted on the validation split: probabilities are logits / T"
+
+
+def _calibration_section(metrics: dict, fig_dir: Path) -> list[str]:
+    """ECE, Brier score, log loss and mean confidence before and after, and the diagram."""
+    before, after = metrics["calibration"]["before"], metrics["calibration"]["after"]
+    rows = [
+        [label, fmt(before[key]), fmt(after[key])]
+        for label, key, fmt in (
+            (f"expected calibration error ({CALIBRATION_BINS} bins)", "ece", "{:.2%}".format),
+            ("Brier score", "brier", "{:.4f}".format),
+            ("log loss", "log_loss", "{:.4f}".format),
+            ("mean confidence", "mean_confidence", "{:.2%}".format),
+        )
+    ]
+    rows.append(["accuracy", *[f"{metrics['accuracy']:.2%}"] * 2])
+    parts = [
+        "<h2>Calibration</h2>",
+        "<p class=muted>Whether a probability means what it says: of the digits given 90%, "
+        "about 90% should be right. Before: the network's softmax; after: its logits divided "
+        "by the temperature fitted on its validation split.</p>",
+        _table(["", "before", "after"], rows),
+    ]
+    if (fig_dir / "reliability.png").is_file():
+        parts.append(_figure(fig_dir / "reliability.png", "reliability diagram"))
+    return parts
+
+
+def _abstain_section(metrics: dict, abstained: dict | None, fig_dir: Path) -> list[str]:
+    """Accuracy against coverage, and what --min-confidence set aside."""
+    rows = [[f"{float(c):.0%}", f"{a:.2%}"] for c, a in metrics["accuracy_at_coverage"].items()]
+    parts = [
+        "<h2>Abstaining when unsure</h2>",
+        "<p class=muted>Keep only the most confident rows: the accuracy on them against the "
+        "share kept.</p>",
+        _table(["rows kept", "accuracy on them"], rows),
+    ]
+    if (fig_dir / "accuracy_coverage.png").is_file():
+        parts.append(_figure(fig_dir / "accuracy_coverage.png", "accuracy against coverage"))
+    if abstained:
+        kept = abstained.get("accuracy_kept")
+        parts.append(
+            f"<p>--min-confidence {abstained['min_confidence']:g}: {abstained['rows']:,} rows "
+            f"set aside in {html.escape(abstained['review'])}, "
+            f"{abstained['coverage']:.2%} kept"
+            + ("" if kept is None else f", {kept:.2%} of them right")
+            + ". The submission holds every row.</p>"
+        )
+        if (fig_dir / "review.png").is_file():
+            parts.append(_figure(fig_dir / "review.png", "rows set aside for review"))
+    return parts
+
+
 def render_html(metrics: dict, context: dict, fig_dir: Path) -> str:
     """One page with the figures embedded, so that the file alone tells the whole story."""
     name = html.escape(Path(context["input"]).name)
@@ -249,5 +471,8 @@ def render_html(metrics: dict, context: dict, fig_dir: Path) -> str:
     for file in ("sample_predictions.png", "confident_mistakes.png"):
         if file in figures:
             parts += [f"<h2>{figures[file]}</h2>", _figure(fig_dir / file, figures[file])]
+    parts += _calibration_section(metrics, fig_dir)
+    parts += _abstain_section(metrics, context.get("abstained"), fig_dir)
+    parts += _model_section(context["models"], fig_dir)
     parts.append(f"<p class=muted>{html.escape(context['footer'])}</p></body></html>")
     return "\n".join(parts)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 import dataset
 import model
+import report
 from atomic import atomic_write, ensure_writable, write_json
 from cli import CLIParser, Terminated, UserError, run_cli, working_root
 
@@ -440,8 +441,14 @@ def build_run(cfg: Config, splits: Splits, device: torch.device, precision: mode
         "std": std,
         "class_names": list(splits.parsed.class_names),
         "seen_rows": splits.seen_rows(),
+        "data": {
+            "source": splits.parsed.source,
+            "train_rows": len(splits.train),
+            "val_rows": len(splits.val),
+        },
         "config": asdict(cfg),
         "versions": model.library_versions(),
+        "curves": curves_caption(cfg, net),  # how the history's training metrics were measured
     }
     return Run(cfg, precision, net, augment, train_batches, val_batches, optimization, meta)
 
@@ -497,7 +504,7 @@ def save_checkpoints(run: Run, row: dict) -> None:
     the same best.pt again."""
     model_dir = Path(run.cfg.model_dir)
     state = {**run.checkpoint_meta, "state_dict": run.net.state_dict(), "epoch": run.epoch}
-    state["metrics"] = row
+    state |= {"metrics": row, "history": run.history}
     checkpoints = {}
     if all(validates_better(row, earlier) for earlier in run.history[:-1]):
         run.best_val_acc = row["val_acc"]
@@ -545,19 +552,22 @@ def train_epoch(
     return loss_sum.item() / seen, correct.item() / seen, int(first_bad) or None
 
 
+def predict_logits(
+    net: nn.Module, batches: dataset.DeviceBatches, precision: model.Precision
+) -> torch.Tensor:
+    """`net`'s logits (float32) for every row of `batches`, in order, in eval mode."""
+    net.eval()
+    with torch.no_grad(), precision.autocast(batches.device):
+        return torch.cat([net(xb).float() for xb, _ in batches])
+
+
 def score(
     net: nn.Module, batches: dataset.DeviceBatches, precision: model.Precision
 ) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of `net` over all batches, in eval mode, no gradients."""
-    net.eval()
-    loss_sum = torch.zeros((), device=batches.device)
-    correct = torch.zeros((), device=batches.device, dtype=torch.long)
-    with torch.no_grad(), precision.autocast(batches.device):
-        for xb, yb in batches:
-            logits = net(xb).float()
-            loss_sum += F.cross_entropy(logits, yb, reduction="sum")
-            correct += (logits.argmax(1) == yb).sum()
-    return loss_sum.item() / len(batches.x), correct.item() / len(batches.x)
+    logits = predict_logits(net, batches, precision)
+    loss = F.cross_entropy(logits, batches.y).item()
+    return loss, (logits.argmax(1) == batches.y).float().mean().item()
 
 
 def fit(run: Run) -> None:
@@ -644,12 +654,33 @@ def score_test(run: Run, best: dict, test: dataset.CSVData) -> dict:
     return {"test_loss": loss, "test_acc": acc, "test_source": test.source}
 
 
-def curves_caption(run: Run) -> str:
+def calibrate(run: Run, best_path: Path) -> dict:
+    """Fit best.pt's temperature on the validation split (report.fit_temperature) and store it
+    in best.pt, which predict.py then applies; the fit's figures, before and after."""
+    best = model.load_checkpoint(best_path)
+    net = run.precision.place(model.model_from_checkpoint(best), run.device)
+    logits = predict_logits(net, run.val_batches, run.precision).cpu().numpy()
+    labels = run.val_batches.y.cpu().numpy()
+    temperature = report.fit_temperature(logits, labels)
+    model.save_checkpoint(best_path, {**best, "temperature": temperature})
+    fit = {"temperature": round(temperature, 4)}
+    for name, t in (("before", 1.0), ("after", temperature)):
+        probs = report.softmax(logits, t)
+        fit[f"val_ece_{name}"] = round(report.expected_calibration_error(probs, labels), 5)
+        fit[f"val_nll_{name}"] = round(report.nll(logits, labels, t), 5)
+    print(
+        f"calibration: temperature {temperature:.3f} fitted on the validation split; its "
+        f"expected calibration error {fit['val_ece_before']:.2%} -> {fit['val_ece_after']:.2%}"
+    )
+    return fit
+
+
+def curves_caption(cfg: Config, net: nn.Module) -> str:
     """How the training metrics were measured, for the curves' title."""
-    measured = ["augmented batches"] if run.augment else []
-    if any(isinstance(m, nn.Dropout | nn.Dropout2d) for m in run.net.modules()):
+    measured = ["augmented batches"] if cfg.augment else []
+    if any(isinstance(m, nn.Dropout | nn.Dropout2d) for m in net.modules()):
         measured.append("dropout on")
-    if run.cfg.label_smoothing:
+    if cfg.label_smoothing:
         measured.append("label-smoothed loss")
     return ", ".join(measured) or "as in evaluation"
 
@@ -657,11 +688,14 @@ def curves_caption(run: Run) -> str:
 def finish(run: Run, splits: Splits, started: float) -> dict:
     """The test score of best.pt, metrics.json and the training curves; the run's summary."""
     cfg = run.cfg
-    best = model.load_checkpoint(Path(cfg.model_dir) / "best.pt")
+    best_path = Path(cfg.model_dir) / "best.pt"
+    fit = calibrate(run, best_path)
+    best = model.load_checkpoint(best_path)
     images_per_s = len(splits.train) * run.epochs_here / max(run.train_seconds, 1e-9)
     summary = {
         "best_epoch": best["epoch"],
         "best_val_acc": best["metrics"]["val_acc"],
+        "calibration": fit,
         "train_images_per_s": round(images_per_s),
         "train_seconds": round(run.train_seconds, 1),
         "numerics": f"{run.device.type}, {run.precision.describe()}",
@@ -678,9 +712,8 @@ def finish(run: Run, splits: Splits, started: float) -> dict:
     if not cfg.no_plots:
         import plots
 
-        plots.training_curves(
-            run.history, Path(cfg.out_dir) / "training_curves.png", curves_caption(run)
-        )
+        path = Path(cfg.out_dir) / "training_curves.png"
+        plots.training_curves(run.history, best["epoch"], path, run.checkpoint_meta["curves"])
     print(
         f"best epoch {summary['best_epoch']} (validation loss {best['metrics']['val_loss']:.4f}, "
         f"accuracy {summary['best_val_acc']:.2%}) -> {Path(cfg.model_dir) / 'best.pt'}; "

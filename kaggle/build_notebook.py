@@ -88,6 +88,7 @@ import predict
 result = predict.main(PREDICT_ARGS)
 REPORT = OUT / "report"
 FIGURES = ("confusion_matrix", "per_class_errors", "sample_predictions", "confident_mistakes")
+FIGURES += ("reliability", "accuracy_coverage")
 show(*(REPORT / f"{name}.png" for name in FIGURES))"""
 
 SUBMIT = """\

@@ -380,6 +380,11 @@ def checkpoint(tmp_path_factory) -> dict:
         ({"mean": "abc"}, "mean 'abc' is not a number"),
         ({"std": 0.0}, "std 0.0 is not positive"),
         ({"state_dict": {"0.weight": torch.zeros(3)}}, "weights do not fit basic"),
+        ({"temperature": -1.0}, "temperature -1.0 is not a positive number"),
+        ({"temperature": float("nan")}, "temperature nan is not a positive number"),
+        ({"history": [{"epoch": 1}]}, "history is not a list of epoch records"),
+        ({"history": "epochs"}, "history is not a list of epoch records"),
+        ({"data": {"source": 3}}, "data is not a record of the training source"),
     ],
 )
 def test_a_lying_checkpoint_is_refused_before_anything_is_written(

@@ -183,6 +183,7 @@ def _report_figures(layout: str) -> list[str]:
     """The report's figures: the whole evaluation for the dataset's labelled test CSV, the sample
     predictions alone for the competition's unlabelled test.csv."""
     evaluation = ["confusion_matrix", "per_class_errors", "confident_mistakes"]
+    evaluation += ["reliability", "accuracy_coverage"]
     return ["sample_predictions", *(evaluation if layout == "dataset" else [])]
 
 

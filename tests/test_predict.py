@@ -26,6 +26,8 @@ pytestmark = pytest.mark.numerics
 
 SAMPLE_TRAIN = str(dataset.SAMPLE_DIR / "mnist_train.csv.gz")
 SAMPLE_TEST = str(dataset.SAMPLE_DIR / "mnist_test.csv.gz")
+PRECISION_NAME = model.default_precision()
+PRECISION = model.precision_for(torch.device("cpu"), PRECISION_NAME)
 
 
 @pytest.fixture(scope="module")
@@ -371,6 +373,83 @@ def test_the_report_warns_when_labelled_input_was_learned_from(tmp_path, checkpo
     assert "the accuracy overstates" in page
 
 
+# ---------------------------------------------------------------- calibration and abstaining
+
+
+def test_a_checkpoints_temperature_divides_its_logits(tmp_path, checkpoints):
+    ckpt = model.load_checkpoint(checkpoints[0])
+    images = dataset.load_csv(SAMPLE_TEST).images[:200]
+    probs = {}
+    for t in (1.0, 2.0):
+        model.save_checkpoint(tmp_path / f"t{t}.pt", {**ckpt, "temperature": t})
+        ensemble = predict.Ensemble([str(tmp_path / f"t{t}.pt")], torch.device("cpu"), PRECISION)
+        probs[t] = ensemble.predict_proba(images)
+    softened = np.sqrt(probs[1.0]) / np.sqrt(probs[1.0]).sum(1, keepdims=True)
+    np.testing.assert_allclose(probs[2.0], softened, atol=1e-4)  # softmax(z / 2) ~ sqrt(p)
+
+
+def test_training_stores_a_temperature_that_sharpens_label_smoothed_probabilities(checkpoints):
+    """Label smoothing 0.1 caps a trained model's confidence near 90%; the temperature fitted on
+    the validation split undoes that (observed 0.4-0.7)."""
+    temperature = model.load_checkpoint(checkpoints[0])["temperature"]
+    assert 0.05 < temperature < 1
+
+
+@pytest.fixture(scope="module")
+def abstained(checkpoints, tmp_path_factory):
+    """The sample's test CSV predicted with --min-confidence at its median confidence."""
+    folder = tmp_path_factory.mktemp("abstained")
+    test = dataset.load_csv(SAMPLE_TEST)
+    ensemble = predict.Ensemble(checkpoints[:1], torch.device("cpu"), PRECISION)
+    probs = ensemble.predict_proba(test.images)
+    threshold = float(np.median(probs.max(1)))
+    flags = ["--checkpoint", checkpoints[0], "--input", SAMPLE_TEST, "--precision", PRECISION_NAME]
+    summary = run(folder, *flags, "--min-confidence", str(threshold))
+    return summary, folder, probs, threshold
+
+
+def test_abstained_rows_are_exactly_those_under_the_threshold(abstained):
+    summary, folder, probs, threshold = abstained
+    review = read_rows(folder / "sub_review.csv")
+    expected = np.flatnonzero(probs.max(1) < threshold) + 1  # ImageId counts from 1
+    assert sorted(int(r["ImageId"]) for r in review) == expected.tolist()
+    assert summary["abstained"]["rows"] == len(expected)
+
+
+def test_the_review_file_lists_the_top_two_classes_most_doubtful_first(abstained):
+    _, folder, probs, _ = abstained
+    review = read_rows(folder / "sub_review.csv")
+    assert list(review[0]) == ["ImageId", "first", "p_first", "second", "p_second", "label"]
+    first = [float(r["p_first"]) for r in review]
+    assert first == sorted(first)
+    row = review[0]
+    ranked = np.argsort(-probs[int(row["ImageId"]) - 1])
+    assert (row["first"], row["second"]) == (str(ranked[0]), str(ranked[1]))
+
+
+def test_abstaining_keeps_every_row_in_the_submission(abstained):
+    _, folder, _, _ = abstained
+    assert len(read_rows(folder / "sub.csv")) == 1000
+
+
+def test_accuracy_on_the_rows_kept_is_reported(abstained):
+    summary, folder, probs, threshold = abstained
+    labels = dataset.load_csv(SAMPLE_TEST).labels
+    kept = probs.max(1) >= threshold
+    expected = (probs.argmax(1) == labels)[kept].mean()
+    assert summary["abstained"]["accuracy_kept"] == pytest.approx(expected)
+    assert summary["abstained"]["coverage"] == pytest.approx(kept.mean())
+    assert (folder / "report" / "review.png").is_file()
+
+
+def test_the_report_holds_calibration_before_and_after(evaluated):
+    _, report_dir, _ = evaluated
+    fit = json.loads((report_dir / "metrics.json").read_text())["calibration"]
+    assert fit["before"]["mean_confidence"] < fit["after"]["mean_confidence"]
+    assert fit["after"]["log_loss"] < fit["before"]["log_loss"]
+    assert (report_dir / "reliability.png").is_file()
+
+
 # ---------------------------------------------------------------- your own images
 
 
@@ -500,6 +579,9 @@ GOOD = ["--checkpoint", "{good}"]
         ([*GOOD, "--image", "{folder}/blank.png", "--input", SAMPLE_TEST], "give one of them"),
         ([*GOOD, "--input", SAMPLE_TEST, "--output", "{folder}"], "is a directory"),
         ([*GOOD, "--batch-size", "0"], "--batch-size 0: must be at least 1"),
+        ([*GOOD, "--min-confidence", "1.5"], "--min-confidence 1.5: must be in 0..1"),
+        ([*GOOD, "--min-confidence", "-0.1"], "--min-confidence -0.1: must be in 0..1"),
+        ([*GOOD, "--image", "{folder}/blank.png", "--min-confidence", "0.5"], "not --image"),
     ],
 )
 def test_bad_input_gets_one_line_exit_2_and_leaves_the_old_submission(

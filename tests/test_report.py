@@ -91,6 +91,24 @@ CONTEXT = {
     "tta": False,
     "submission": "submissions/submission.csv",
     "seen_in_training": {"rows": 200, "seen": 0, "trained_on": 0},
+    "models": [
+        {
+            "checkpoint": "models/best.pt",
+            "arch": "strong",
+            "parameters": 1234567,
+            "epoch": 2,
+            "metrics": {"val_loss": 0.25, "val_acc": 0.95},
+            "temperature": 0.7,
+            "config": {"preset": "best", "epochs": 2, "lr": 0.003},
+            "data": {"source": "data/train.csv", "train_rows": 900, "val_rows": 100},
+            "history": [
+                {"epoch": e, "train_loss": 1 / e, "train_acc": 0.9, "val_loss": 0.5 / e}
+                | {"val_acc": 0.9 + e / 100}
+                for e in (1, 2, 3)
+            ],
+            "curves": "as in evaluation",
+        }
+    ],
     "footer": "made up",
 }
 
@@ -98,8 +116,10 @@ CONTEXT = {
 def write_report(out_dir, mistakes: dict) -> dict:
     """The figures and pages of predictions with these mistakes, into out_dir."""
     images, labels, probs = predictions(mistakes)
-    metrics = report.compute_metrics(labels, probs, NAMES)
+    metrics = report.compute_metrics(labels, probs, NAMES, raw=probs**2)
     plots.evaluation_figures(metrics, images, labels, probs, CONTEXT["input"], out_dir)
+    plots.calibration_figures(metrics, labels, probs, CONTEXT["models"], 0.5, out_dir)
+    plots.model_figures(CONTEXT["models"], out_dir)
     report.write_evaluation(out_dir, metrics, CONTEXT)
     return metrics
 
@@ -111,16 +131,30 @@ def written(tmp_path_factory):
     return out_dir
 
 
-@pytest.mark.parametrize(
-    "figure",
-    ["confusion_matrix", "per_class_errors", "sample_predictions", "confident_mistakes"],
-)
+FIGURES = ["confusion_matrix", "per_class_errors", "sample_predictions", "confident_mistakes"]
+FIGURES += ["reliability", "accuracy_coverage", "training_curves_1"]
+
+
+@pytest.mark.parametrize("figure", FIGURES)
 def test_every_figure_is_drawn(written, figure):
     assert (written / f"{figure}.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_the_page_embeds_every_figure(written):
-    assert (written / "report.html").read_text().count("data:image/png;base64,") == 4
+    assert (written / "report.html").read_text().count("data:image/png;base64,") == len(FIGURES)
+
+
+def test_the_page_tells_the_models_story(written):
+    page = (written / "report.html").read_text()
+    assert "strong, 1,234,567 parameters" in page
+    assert "900 images from data/train.csv (100 more for validation)" in page
+    assert "epoch 2: validation loss 0.2500, accuracy 95.00%" in page
+
+
+def test_the_page_shows_calibration_before_and_after(written):
+    page = (written / "report.html").read_text()
+    assert "<h2>Calibration</h2>" in page
+    assert "expected calibration error (15 bins)" in page
 
 
 def test_metrics_json_holds_the_numbers_and_the_context(written):
@@ -163,3 +197,71 @@ def test_the_prediction_summary_counts_each_predicted_class(tmp_path):
 )
 def test_the_leak_guard_in_words(seen, words):
     assert report.describe_seen(seen) == words
+
+
+# ---------------------------------------------------------------- calibration
+
+
+def confident(preds: np.ndarray, confidence: float) -> np.ndarray:
+    """Probabilities that give `confidence` to each row's predicted class, the rest evenly."""
+    probs = np.full((len(preds), 10), (1 - confidence) / 9)
+    probs[np.arange(len(preds)), preds] = confidence
+    return probs
+
+
+def test_expected_calibration_error_weighs_each_bins_gap_by_its_rows():
+    labels = np.zeros(20, int)
+    preds = np.zeros(20, int)
+    preds[[0, 1, 10, 11, 12, 13]] = 1  # 8 of 10 right at 0.9, 6 of 10 right at 0.6
+    probs = np.concatenate([confident(preds[:10], 0.9), confident(preds[10:], 0.6)])
+    assert report.expected_calibration_error(probs, labels) == pytest.approx(0.1 * 10 / 20)
+    bins = report.reliability_bins(probs, labels)
+    assert [(b["count"], b["accuracy"]) for b in bins] == [(10, 0.6), (10, 0.8)]
+
+
+def test_the_brier_score_is_the_squared_distance_to_the_truth():
+    probs = np.array([np.eye(10)[3], np.eye(10)[4], np.full(10, 0.1)])
+    labels = np.array([3, 3, 3])
+    assert report.brier_score(probs[:1], labels[:1]) == 0
+    assert report.brier_score(probs[1:2], labels[1:2]) == 2
+    assert report.brier_score(probs[2:], labels[2:]) == pytest.approx(0.9)
+
+
+def test_the_fitted_temperature_is_the_one_the_labels_were_drawn_with():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 4, size=(20_000, 10))
+    p = report.softmax(logits, 2.0)
+    labels = (p.cumsum(1) < rng.random((len(p), 1))).sum(1)
+    assert report.fit_temperature(logits, labels) == pytest.approx(2.0, rel=0.05)
+
+
+@pytest.mark.parametrize("scale", [0.2, 5.0])
+def test_the_fitted_temperature_lowers_the_nll_of_an_under_or_overconfident_model(scale):
+    _, labels, probs = predictions(MISTAKES)
+    logits = np.log(probs) * scale
+    t = report.fit_temperature(logits, labels)
+    assert report.nll(logits, labels, t) < report.nll(logits, labels, 1.0)
+
+
+def test_without_mistakes_the_temperature_stops_at_laplaces_estimate_of_accuracy():
+    _, labels, probs = predictions({})  # 200 rows, all right
+    t = report.fit_temperature(np.log(probs), labels)
+    mean_confidence = report.softmax(np.log(probs), t).max(1).mean()
+    assert mean_confidence == pytest.approx(201 / 202, abs=1e-6)  # not a temperature near 0
+
+
+def test_calibration_reports_before_and_after():
+    _, labels, probs = predictions(MISTAKES)
+    fit = report.calibration(labels, probs, confident(probs.argmax(1), 0.5))
+    assert fit["after"]["ece"] == pytest.approx(report.expected_calibration_error(probs, labels))
+    assert fit["before"]["mean_confidence"] == pytest.approx(0.5)
+
+
+def test_accuracy_against_coverage_keeps_the_most_confident_rows_first():
+    labels = np.zeros(4, int)
+    probs = np.concatenate(
+        [confident(np.array([p]), c) for p, c in ((0, 0.7), (1, 0.8), (0, 0.9), (0, 0.6))]
+    )
+    coverage, accuracy = report.accuracy_coverage(labels, probs)
+    np.testing.assert_allclose(coverage, [0.25, 0.5, 0.75, 1.0])
+    np.testing.assert_allclose(accuracy, [1, 0.5, 2 / 3, 0.75])

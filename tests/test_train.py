@@ -63,6 +63,15 @@ def test_metrics_json_holds_the_summary_and_the_config(learned):
     assert 0 < metrics["train_seconds"] < metrics["wall_seconds"]
 
 
+def test_calibration_fits_a_temperature_that_lowers_the_validation_nll(learned):
+    summary, folder = learned
+    fit = summary["calibration"]
+    assert fit["val_nll_after"] <= fit["val_nll_before"]
+    assert model.load_checkpoint(folder / "models" / "best.pt")["temperature"] == pytest.approx(
+        fit["temperature"], rel=1e-3
+    )
+
+
 def test_the_history_has_a_row_per_epoch(learned):
     _, folder = learned
     history = (folder / "out" / "history.csv").read_text().splitlines()
@@ -96,6 +105,12 @@ def test_the_network_rebuilt_from_a_checkpoint_computes_what_it_did(one_epoch):
     reference.load_state_dict(ckpt["state_dict"])
     x = torch.randn(4, 1, 28, 28)
     torch.testing.assert_close(model.model_from_checkpoint(ckpt).eval()(x), reference.eval()(x))
+
+
+def test_best_pt_holds_its_history_and_training_data_for_the_report(one_epoch):
+    ckpt = model.load_checkpoint(one_epoch["best"])
+    assert [row["epoch"] for row in ckpt["history"]] == [1]
+    assert ckpt["data"] == {"source": SAMPLE_TRAIN, "train_rows": 270, "val_rows": 30}
 
 
 def test_last_pt_holds_what_resuming_needs(one_epoch):
@@ -223,7 +238,9 @@ def recipes(tmp_path_factory):
     draw = plots.training_curves
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(
-            plots, "training_curves", lambda h, p, title: titles.append(title) or draw(h, p, title)
+            plots,
+            "training_curves",
+            lambda h, best, p, title: titles.append(title) or draw(h, best, p, title),
         )
         for args in runs.values():
             train.main(args)
