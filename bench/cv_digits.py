@@ -8,7 +8,9 @@ overstates that accuracy (kept to compare with earlier figures).
 
 Each split trains `train.py` (the default recipe plus any flags given after `--`) and scores the
 held-out digits with `predict.py`: every model alone, plain and with --tta, and with --ensemble N
-the N models together. Model selection inside train.py uses its own validation split only.
+the N models together; and each model's expected calibration error there, before and after the
+temperature train.py fitted on its validation split. Model selection and calibration inside
+train.py use its own validation split only.
 
 usage: python bench/cv_digits.py [--protocol writers|folds] [--folds 5] [--ensemble N]
                                  [--out results.json] [-- FLAGS...]
@@ -67,6 +69,15 @@ def score(checkpoints: list[str], test_csv: Path, tmp: Path, tta: bool) -> float
     return predict.main(args)["accuracy"]
 
 
+def calibration(checkpoints: list[str], test_csv: Path, tmp: Path, tta: bool) -> dict[str, float]:
+    """The expected calibration error of a model (or ensemble) on the held-out digits, before
+    and after the temperatures, from predict.py's report."""
+    args = ["--checkpoint", *checkpoints, "--input", str(test_csv), "--report-dir", str(tmp)]
+    predict.main([*args, "--output", str(tmp / "scored.csv")] + (["--tta"] if tta else []))
+    fit = json.loads((tmp / "metrics.json").read_text())["calibration"]
+    return {"before": fit["before"]["ece"], "after": fit["after"]["ece"]}
+
+
 def run_split(data, test_rows: np.ndarray, folder: Path, args) -> dict:
     """Train on every row but `test_rows`, score those: the split's figures."""
     train_rows = np.setdiff1d(np.arange(len(data)), test_rows)
@@ -84,10 +95,14 @@ def run_split(data, test_rows: np.ndarray, folder: Path, args) -> dict:
         "train_seconds": round(seconds, 1),
         "single": [score([m], test_csv, folder, False) for m in members],
         "single_tta": [score([m], test_csv, folder, True) for m in members],
+        "ece": [
+            calibration([m], test_csv, folder / f"report{k}", False) for k, m in enumerate(members)
+        ],
     }
     if args.ensemble > 1:
         row["ensemble"] = score(members, test_csv, folder, False)
         row["ensemble_tta"] = score(members, test_csv, folder, True)
+        row["ensemble_tta_ece"] = calibration(members, test_csv, folder / "report", True)
     return row
 
 
@@ -100,10 +115,15 @@ def summarize(rows: list[dict], ensemble: int) -> dict[str, str]:
     summary = {
         "single model": mean_sd([a for r in rows for a in r["single"]]),
         "single model, --tta": mean_sd([a for r in rows for a in r["single_tta"]]),
+        "ECE before calibration": mean_sd([e["before"] for r in rows for e in r["ece"]]),
+        "ECE after calibration": mean_sd([e["after"] for r in rows for e in r["ece"]]),
     }
     if ensemble > 1:
         summary[f"ensemble of {ensemble}"] = mean_sd([r["ensemble"] for r in rows])
         summary[f"ensemble of {ensemble}, --tta"] = mean_sd([r["ensemble_tta"] for r in rows])
+        for when in ("before", "after"):
+            ece = [r["ensemble_tta_ece"][when] for r in rows]
+            summary[f"ensemble, --tta, ECE {when} calibration"] = mean_sd(ece)
     return summary
 
 
