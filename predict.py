@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import dataset
+import export
 import model
 import report
 from atomic import atomic_write, ensure_writable
@@ -50,6 +51,7 @@ class Options:
     tta: bool = False
     image: list[str] | None = None
     min_confidence: float | None = None
+    export: str | None = None
     report_dir: str = field(default_factory=lambda: str(working_root() / "outputs" / "report"))
     no_report: bool = False
     batch_size: int = dataset.EVAL_BATCH_SIZE
@@ -86,6 +88,12 @@ def parse_args(argv: list[str] | None) -> Options:
         "submission (<output>_review.csv) and a figure, and report accuracy on the rest; the "
         "submission still holds every row",
     )
+    p.add_argument(
+        "--export",
+        metavar="FILE.onnx",
+        help="write the checkpoints as one ONNX model (normalization, temperature and the "
+        "ensemble average inside, any batch size), checked against PyTorch, instead of predicting",
+    )
     p.add_argument("--report-dir", default=default.report_dir, help="evaluation report, figures")
     p.add_argument("--no-report", action="store_true", help="write the submission only")
     p.add_argument(
@@ -103,7 +111,23 @@ def parse_args(argv: list[str] | None) -> Options:
         raise UserError(f"--min-confidence {options.min_confidence:g}: must be in 0..1")
     if options.min_confidence is not None and options.image:
         raise UserError("--min-confidence: applies to CSV input, not --image")
+    if options.export:
+        check_export_flags(options)
     return options
+
+
+def check_export_flags(options: Options) -> None:
+    """--export writes a model: a file name ending .onnx, from .pt checkpoints, nothing else."""
+    if not export.is_onnx(options.export):
+        raise UserError(f"--export {options.export}: name a .onnx file")
+    if any(export.is_onnx(path) for path in options.checkpoint):
+        raise UserError("--export: give .pt checkpoints to export, not an .onnx file")
+    for flag in ("input", "image", "tta", "min_confidence", "probabilities"):
+        if getattr(options, flag):
+            raise UserError(
+                f"--export writes the model only; give --{flag.replace('_', '-')} when "
+                "predicting with it (--checkpoint model.onnx)"
+            )
 
 
 # ---------------------------------------------------------------- models and inference
@@ -169,20 +193,23 @@ class Ensemble:
             for m in self.members
         )
 
-    def seen_in_training(self, images: np.ndarray) -> dict | None:
-        """The leak guard: how many of `images` a member trained on or validated on, matched by
-        pixel hashes; None when a checkpoint predates the fingerprint."""
+    def seen_fingerprint(self) -> dict[str, np.ndarray] | None:
+        """The pixel hashes of the rows any member trained on ("train") or validated on
+        ("val"); None when a checkpoint predates the fingerprint."""
         if any("seen_rows" not in ckpt for ckpt in self.checkpoints):
             return None
-        hashes = dataset.row_hashes(images).view(np.int64)
+        return {
+            split: np.unique(
+                np.concatenate([c["seen_rows"][split].numpy() for c in self.checkpoints])
+            )
+            for split in ("train", "val")
+        }
 
-        def among(split: str) -> np.ndarray:
-            fingerprints = [ckpt["seen_rows"][split].numpy() for ckpt in self.checkpoints]
-            return np.logical_or.reduce([np.isin(hashes, f) for f in fingerprints])
+    def seen_in_training(self, images: np.ndarray) -> dict | None:
+        return count_seen(self.seen_fingerprint(), images)
 
-        trained = among("train")
-        seen = trained | among("val")
-        return {"rows": len(images), "seen": int(seen.sum()), "trained_on": int(trained.sum())}
+    def stories(self) -> list[dict]:
+        return [model_story(member) for member in self.members]
 
     def predict_proba(
         self, images: np.ndarray, tta: bool = False, batch_size: int = dataset.EVAL_BATCH_SIZE
@@ -209,6 +236,17 @@ class Ensemble:
                 out.append(torch.stack([calibrated, raw]).cpu() / views)
         both = torch.cat(out, 1).numpy()
         return both[0], both[1]
+
+
+def count_seen(fingerprint: dict[str, np.ndarray] | None, images: np.ndarray) -> dict | None:
+    """The leak guard: how many of `images` the models trained on or validated on, matched by
+    pixel hashes against `fingerprint` (Ensemble.seen_fingerprint); None without one."""
+    if fingerprint is None:
+        return None
+    hashes = dataset.row_hashes(images).view(np.int64)
+    trained = np.isin(hashes, fingerprint["train"])
+    seen = trained | np.isin(hashes, fingerprint["val"])
+    return {"rows": len(images), "seen": int(seen.sum()), "trained_on": int(trained.sum())}
 
 
 def tta_views(x: torch.Tensor, mirror: bool = False) -> list[torch.Tensor]:
@@ -451,7 +489,7 @@ def write_report(options: Options, ensemble: Ensemble, data, both, summary: dict
     context = {
         "input": data.source,
         "checkpoints": ensemble.paths,
-        "models": [model_story(member) for member in ensemble.members],
+        "models": ensemble.stories(),
         "tta": options.tta,
         "submission": summary["submission"],
         "seen_in_training": summary["seen_in_training"],
@@ -511,13 +549,25 @@ def warn_of_seen_rows(ensemble: Ensemble, data: dataset.CSVData) -> dict | None:
     return seen
 
 
+def load_models(options: Options):
+    """The checkpoints on their device (an Ensemble), or an ONNX export on onnxruntime."""
+    if any(export.is_onnx(path) for path in options.checkpoint):
+        if len(options.checkpoint) > 1:
+            raise UserError("--checkpoint: an ONNX export stands alone (export an ensemble whole)")
+        return export.OnnxEnsemble(options.checkpoint[0])
+    return Ensemble(options.checkpoint, *model.setup_device(options.device, options.precision))
+
+
 def main(argv: list[str] | None = None) -> dict | list[dict]:
     started = time.perf_counter()
     options = parse_args(argv)
     ensure_writable(Path(options.output).parent, "--output")
     if not options.no_report:
         ensure_writable(options.report_dir, "--report-dir")
-    ensemble = Ensemble(options.checkpoint, *model.setup_device(options.device, options.precision))
+    if options.export:
+        ensemble = Ensemble(options.checkpoint, torch.device("cpu"), export.fp32_cpu())
+        return export.export(ensemble, Path(options.export))
+    ensemble = load_models(options)
     if options.image:
         return predict_images(options, ensemble)
     return predict_csv(options, ensemble, started)

@@ -4,7 +4,8 @@ file and the same weights, in one run.
 
 Two figures each: end to end (a fresh process, from start to the predictions CSV written) and the
 inference loop alone (images/s). Median of --repeats runs. The project runs on both numerics
-paths: its default on this CPU and --precision fp32.
+paths, its default on this CPU and --precision fp32, and from its ONNX export on onnxruntime
+(`predict.py --checkpoint basic.onnx`).
 
 usage: python bench/predict_speed.py [--repeats N] [--device DEV] [CSV]
 Default file: ../shared/data/mnist_test.csv.gz (10,000 rows).
@@ -51,9 +52,12 @@ print(json.dumps({"loop_s": loop, "rows": len(ds)}))
 OUR_LOOP = """
 import json, sys, time
 sys.path.insert(0, sys.argv[1])
-import dataset, model, predict
+import dataset, export, model, predict
 data = dataset.load_csv(sys.argv[2])
-ens = predict.Ensemble([sys.argv[3]], *model.setup_device(sys.argv[4], sys.argv[5]))
+if sys.argv[5] == "onnx":
+    ens = export.OnnxEnsemble(sys.argv[3])
+else:
+    ens = predict.Ensemble([sys.argv[3]], *model.setup_device(sys.argv[4], sys.argv[5]))
 t = time.perf_counter()
 probs = ens.predict_proba(data.images)
 print(json.dumps({"loop_s": time.perf_counter() - t, "rows": len(probs)}))
@@ -94,6 +98,13 @@ def main() -> None:
         ours_cmd = [py, str(ROOT / "predict.py"), "--checkpoint", str(ckpt), "--input", args.csv]
         ours_cmd += ["--output", str(tmp / "o.csv"), "--no-report", "--device", args.device]
         loop_cmd = [py, "-c", OUR_LOOP, str(ROOT), args.csv, str(ckpt), args.device]
+        exported = tmp / "basic.onnx"
+        run(
+            [py, str(ROOT / "predict.py"), "--checkpoint", str(ckpt), "--export", str(exported)],
+            env,
+        )
+        onnx_cmd = [*ours_cmd[:3], str(exported), *ours_cmd[4:]]
+        onnx_loop = [*loop_cmd[:5], str(exported), args.device, "onnx"]
         paths = numerics_paths(args.device)
         runs: dict[str, list] = {"peer": []}
         for _ in range(args.repeats):
@@ -104,6 +115,8 @@ def main() -> None:
                 runs.setdefault(f"cold {path}", []).append(run([*ours_cmd, *precision], env))
                 runs.setdefault(f"warm {path}", []).append(run([*ours_cmd, *precision], env))
                 runs.setdefault(f"loop {path}", []).append(run([*loop_cmd, path], env))
+            runs.setdefault("warm onnx", []).append(run(onnx_cmd, env))
+            runs.setdefault("loop onnx", []).append(run(onnx_loop, env))
     rows = runs["peer"][0][1]["rows"]
     median = {k: statistics.median(w for w, _ in v) for k, v in runs.items()}
     loops = {
@@ -124,11 +137,15 @@ def main() -> None:
         lines.append(
             (f"predict.py --no-report, {name}, repeat (parse cache)", median[f"warm {path}"])
         )
+    lines.append(
+        ("predict.py --no-report, ONNX export on onnxruntime, repeat", median["warm onnx"])
+    )
     for name, wall in lines:
         print(f"{name:64} {wall:9.2f}s {median['peer'] / wall:7.2f}x")
     print(f"{'inference loop alone':64} {'images/s':>10} {'vs peer':>8}")
     contenders = [("peer", loops["peer"])]
     contenders += [(f"project, {name}", loops[f"loop {path}"]) for path, name in paths.items()]
+    contenders.append(("project, ONNX export on onnxruntime", loops["loop onnx"]))
     for name, loop in contenders:
         print(f"{name:64} {rows / loop:10,.0f} {loops['peer'] / loop:7.2f}x")
 
