@@ -22,6 +22,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -297,14 +298,16 @@ def write_submission(path: Path, ids: np.ndarray, probs: np.ndarray, probabiliti
 # ---------------------------------------------------------------- your own images
 
 
-def preprocess_image(path: str | Path) -> np.ndarray:
-    """An image file as an MNIST digit: grayscale, light background inverted, cropped to the ink,
-    fitted into 20x20 keeping the aspect ratio, centred by centre of mass in 28x28 (uint8)."""
+def preprocess_image(source: str | Path | IO[bytes], name: str | None = None) -> np.ndarray:
+    """An image file (a path, or a binary file called `name` in messages) as an MNIST digit:
+    grayscale, light background inverted, cropped to the ink, fitted into 20x20 keeping the
+    aspect ratio, centred by centre of mass in 28x28 (uint8)."""
     from PIL import Image
 
-    ink = _ink(_open_image(path))
+    name = name or str(source)
+    ink = _ink(_open_image(source, name))
     if ink.max() <= 0:
-        raise UserError(f"{path}: no digit found (the image is blank)")
+        raise UserError(f"{name}: no digit found (the image is blank)")
     ink = ink / ink.max()
     ink[ink < 0.15] = 0  # paper texture, JPEG ringing
     rows, cols = np.flatnonzero(ink.any(1)), np.flatnonzero(ink.any(0))
@@ -329,7 +332,11 @@ MAX_IMAGE_PIXELS = 50_000_000  # 8,660 x 5,773: larger than any phone photo of a
 WORK_SIDE = 1024  # an image's longest side while it is prepared; the digit ends 20 pixels tall
 
 
-def _open_image(path: str | Path):
+class ImageTooLarge(UserError):
+    """An image over MAX_IMAGE_PIXELS, refused before its pixels are decoded."""
+
+
+def _open_image(source: str | Path | IO[bytes], name: str):
     """The image, loaded at most WORK_SIDE pixels on its longest side (a JPEG decoded at a
     reduced scale): memory stays bounded; one over MAX_IMAGE_PIXELS is refused unread."""
     from PIL import Image, ImageOps, UnidentifiedImageError
@@ -337,20 +344,20 @@ def _open_image(path: str | Path):
     try:
         with warnings.catch_warnings():  # Pillow warns of large images; they are refused here
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 if img.width * img.height > MAX_IMAGE_PIXELS:
                     raise Image.DecompressionBombError(f"{img.width} x {img.height}")
                 img.draft(None, (WORK_SIDE, WORK_SIDE))
                 img = ImageOps.exif_transpose(img)
                 img.load()
     except FileNotFoundError:
-        raise UserError(f"{path}: no such image file") from None
+        raise UserError(f"{name}: no such image file") from None
     except Image.DecompressionBombError:
-        raise UserError(
-            f"{path}: more than {MAX_IMAGE_PIXELS:,} pixels, too large to read (resize it)"
+        raise ImageTooLarge(
+            f"{name}: more than {MAX_IMAGE_PIXELS:,} pixels, too large to read (resize it)"
         ) from None
     except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise UserError(f"{path}: not a readable image: {first_line(e)}") from None
+        raise UserError(f"{name}: not a readable image: {first_line(e)}") from None
     img.thumbnail((WORK_SIDE, WORK_SIDE))
     return img
 

@@ -1,0 +1,164 @@
+"""The web app and HTTP API: draw a digit and see what the model sees and thinks.
+
+    python serve.py                                   # models/best.pt on http://127.0.0.1:8000
+    python serve.py --checkpoint model.onnx --port 8080
+
+GET / is one page: a canvas to draw on with mouse, pen or finger; the prediction and the class
+probabilities as bars, updated as you draw; the 28x28 input the model sees (the same preparation
+as `predict.py --image`); a photo upload and a clear button. POST /predict takes PNG or JPEG
+bytes, or a data URL, and answers JSON; GET /health names the model. Bad input gets a 4xx answer
+with a one-line JSON error and the server goes on serving.
+"""
+
+import base64
+import binascii
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+import predict
+from cli import CLIParser, UserError, run_cli, working_root
+
+MAX_REQUEST_BYTES = 10_000_000  # a phone photo is 2-6 MB
+PAGE = Path(__file__).with_name("serve.html")
+
+
+@dataclass(frozen=True)
+class Options:
+    """What one serve.py run serves; the defaults are those of `python serve.py`."""
+
+    checkpoint: str = field(default_factory=lambda: str(working_root() / "models" / "best.pt"))
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+
+def parse_args(argv: list[str] | None) -> Options:
+    default = Options()
+    p = CLIParser(description="Serve the draw-a-digit page and the prediction API.")
+    p.add_argument("--checkpoint", default=default.checkpoint, help="a .pt checkpoint or .onnx")
+    p.add_argument("--host", default=default.host, help="address to listen on (0.0.0.0: all)")
+    p.add_argument("--port", type=int, default=default.port, help="port to listen on")
+    options = Options(**vars(p.parse_args(argv)))
+    if not 0 < options.port < 65536:
+        raise UserError(f"--port {options.port}: must be in 1..65535")
+    return options
+
+
+def load(checkpoint: str):
+    """The model to serve (predict.load_models on the CPU), or None when the file does not exist
+    yet: the page then says how to train one. Any other problem with the file is a UserError."""
+    if not Path(checkpoint).is_file():
+        return None
+    return predict.load_models(predict.Options(checkpoint=[checkpoint], device="cpu"))
+
+
+def decode(body: bytes) -> bytes:
+    """The image bytes of a request body: the body itself, or the payload of a data URL."""
+    if not body.strip():
+        raise UserError("empty request: send PNG or JPEG bytes, or a data URL")
+    if body[:5].lower() != b"data:":
+        return body
+    header, _, payload = body.partition(b",")
+    if b";base64" not in header:
+        raise UserError("a data URL must be base64-encoded (data:image/png;base64,...)")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except binascii.Error:
+        raise UserError("the data URL's payload is not valid base64") from None
+
+
+def answer(models, image: np.ndarray) -> dict:
+    """The prediction for one prepared 28x28 image: class, probabilities, runner-up, input."""
+    probs = models.predict_proba(image[None])[0]
+    names = models.class_names
+    first, second = np.argsort(-probs, kind="stable")[:2]
+    return {
+        "class": names[first],
+        "probability": float(probs[first]),
+        "runner_up": {"class": names[second], "probability": float(probs[second])},
+        "probabilities": {name: float(p) for name, p in zip(names, probs, strict=True)},
+        "input": image.tolist(),
+    }
+
+
+def describe(models, checkpoint: str) -> dict:
+    """What /health says of the model."""
+    if models is None:
+        return {"ready": False, "checkpoint": checkpoint, "error": no_model_text(checkpoint)}
+    stories = models.stories()
+    return {
+        "ready": True,
+        "checkpoint": checkpoint,
+        "classes": list(models.class_names),
+        "models": [
+            {k: story.get(k) for k in ("arch", "parameters", "epoch", "temperature")}
+            for story in stories
+        ],
+    }
+
+
+def no_model_text(checkpoint: str) -> str:
+    return (
+        f"No trained model at {checkpoint} yet: train one with python train.py, then start "
+        "python serve.py again"
+    )
+
+
+def create_app(checkpoint: str):
+    """The FastAPI app serving `checkpoint` (loaded once, now)."""
+    from fastapi import FastAPI, Request
+    from fastapi.concurrency import run_in_threadpool
+    from fastapi.responses import HTMLResponse, JSONResponse
+
+    models = load(checkpoint)
+    app = FastAPI(title="MNIST CSV pipeline", docs_url=None, redoc_url=None)
+    state = describe(models, checkpoint)
+    # the state goes into a <script>: "</" escaped so that no path can close it
+    page = PAGE.read_text().replace("/*STATE*/null", json.dumps(state).replace("</", "<\\/"))
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status)
+
+    @app.get("/", response_class=HTMLResponse)
+    def index() -> str:
+        return page
+
+    @app.get("/health")
+    def health() -> dict:
+        return state
+
+    @app.post("/predict")
+    async def predict_image(request: Request):
+        if models is None:
+            return error(503, no_model_text(checkpoint))
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_REQUEST_BYTES:
+                return error(413, f"request over {MAX_REQUEST_BYTES:,} bytes: send a smaller image")
+        try:
+            data = decode(bytes(body))
+            image = predict.preprocess_image(io.BytesIO(data), name="the image sent")
+        except predict.ImageTooLarge as e:
+            return error(413, str(e))
+        except UserError as e:
+            return error(400, str(e))
+        return await run_in_threadpool(answer, models, image)
+
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    options = parse_args(argv)
+    app = create_app(options.checkpoint)
+    import uvicorn
+
+    print(f"serving {options.checkpoint} on http://{options.host}:{options.port}", flush=True)
+    uvicorn.run(app, host=options.host, port=options.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    run_cli(main)
