@@ -58,7 +58,8 @@ def started_server(checkpoint: str) -> tuple[subprocess.Popen, str, float]:
     port = free_port()
     started = time.perf_counter()
     cmd = [sys.executable, str(ROOT / "serve.py"), "--checkpoint", checkpoint]
-    server = subprocess.Popen([*cmd, "--port", str(port)], stdout=subprocess.DEVNULL)
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    server = subprocess.Popen([*cmd, "--port", str(port)], **quiet)
     url = f"http://127.0.0.1:{port}/health"
     while True:
         try:
