@@ -20,43 +20,23 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import torch
 
-import dataset
-import model
 from atomic import atomic_write
 from cli import UserError, first_line
 
 FORMAT = "mnist-csv-pipeline-onnx-1"
 TOLERANCE = 1e-4  # the largest difference in a probability onnxruntime may show against PyTorch
 INPUT, OUTPUTS = "pixels", ["probabilities", "raw_probabilities"]
-CHECK_DIGITS = dataset.SAMPLE_DIR / "mnist_test.csv.gz"  # real digits the export is checked on
-
-
-class EnsembleGraph(torch.nn.Module):
-    """What an export computes: the members' mean calibrated and raw probabilities of pixel
-    values 0..255 [B, 28, 28]."""
-
-    def __init__(self, members: list) -> None:
-        super().__init__()
-        self.nets = torch.nn.ModuleList(member.net for member in members)
-        self.scales = [(m.normalize.mean, m.normalize.std, m.temperature) for m in members]
-
-    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = pixels.unsqueeze(1) / 255
-        calibrated, raw = 0, 0
-        for net, (mean, std, temperature) in zip(self.nets, self.scales, strict=True):
-            logits = net((x - mean) / std)
-            calibrated = calibrated + (logits / temperature).softmax(1)
-            raw = raw + logits.softmax(1)
-        return calibrated / len(self.nets), raw / len(self.nets)
+BATCH_SIZE = 1024  # dataset.EVAL_BATCH_SIZE (dataset imports torch, which this module avoids)
 
 
 def export(ensemble, path: Path) -> dict:
     """Write `ensemble` (a predict.Ensemble in fp32 on the CPU) as ONNX to `path`, atomically,
     once onnxruntime's probabilities match PyTorch's within TOLERANCE on real digits."""
+    import dataset
+
     data = to_onnx(ensemble, path)
-    check = dataset.load_csv(CHECK_DIGITS)
+    check = dataset.load_csv(dataset.SAMPLE_DIR / "mnist_test.csv.gz")  # real digits
     expected = ensemble.predict_proba(check.images)
     got = OnnxEnsemble.session(data, path).run(OUTPUTS[:1], {INPUT: pixels(check.images)})[0]
     difference = float(np.abs(got - expected).max())
@@ -75,10 +55,14 @@ def export(ensemble, path: Path) -> dict:
 
 
 def to_onnx(ensemble, path: Path) -> bytes:
-    """The ensemble's EnsembleGraph through torch.onnx (any batch size), with its metadata."""
+    """The ensemble as one graph (predict.EnsembleGraph) through torch.onnx, for any batch size,
+    with its metadata."""
     import onnx
+    import torch
 
-    graph = EnsembleGraph(ensemble.members).eval()
+    import predict
+
+    graph = predict.EnsembleGraph(ensemble.members).eval()
     exporter_log = logging.getLogger("torch.onnx")  # notes of operators this graph does not use
     level = exporter_log.level
     exporter_log.setLevel(logging.ERROR)
@@ -129,10 +113,8 @@ def pixels(images: np.ndarray) -> np.ndarray:
 
 class OnnxEnsemble:
     """An ONNX export on onnxruntime, in the shape of predict.Ensemble: probabilities of
-    images, class names, the models' stories, the leak guard."""
-
-    device = torch.device("cpu")
-    precision = model.Precision(dtype=None, grad_scaler=False, channels_last=False)
+    images, class names, the models' stories, the leak guard. Needs no torch but for --tta and
+    the leak guard, so that serve.py starts without it."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -175,7 +157,10 @@ class OnnxEnsemble:
         return [self.path]
 
     def describe(self) -> str:
-        return f"{self.path} (ONNX on onnxruntime, {len(self._stories)} model(s))"
+        return f"{self.path} (ONNX, {len(self._stories)} model(s))"
+
+    def numerics(self) -> str:
+        return "onnxruntime on the CPU (fp32)"
 
     def stories(self) -> list[dict]:
         return self._stories
@@ -187,32 +172,34 @@ class OnnxEnsemble:
         return predict.count_seen(self.fingerprint, images)
 
     def predict_proba(
-        self, images: np.ndarray, tta: bool = False, batch_size: int = dataset.EVAL_BATCH_SIZE
+        self, images: np.ndarray, tta: bool = False, batch_size: int = BATCH_SIZE
     ) -> np.ndarray:
         return self.probabilities(images, tta, batch_size)[0]
 
     def probabilities(
-        self, images: np.ndarray, tta: bool = False, batch_size: int = dataset.EVAL_BATCH_SIZE
+        self, images: np.ndarray, tta: bool = False, batch_size: int = BATCH_SIZE
     ) -> tuple[np.ndarray, np.ndarray]:
         """Calibrated and raw probabilities [N, classes] of uint8 images [N, 28, 28], averaged
         over the test-time augmented views with `tta` (predict.tta_views)."""
-        import predict
-
         calibrated, raw = [], []
         for start in range(0, len(images), batch_size):
-            batch = torch.from_numpy(images[start : start + batch_size]).float().unsqueeze(1)
-            views = predict.tta_views(batch, self.mirror) if tta else [batch]
-            outputs = [self.onnx.run(OUTPUTS, {INPUT: v[:, 0].numpy()}) for v in views]
+            batch = pixels(images[start : start + batch_size])
+            views = self.tta_views(batch) if tta else [batch]
+            outputs = [self.onnx.run(OUTPUTS, {INPUT: view}) for view in views]
             calibrated.append(np.mean([o[0] for o in outputs], axis=0))
             raw.append(np.mean([o[1] for o in outputs], axis=0))
         return np.concatenate(calibrated), np.concatenate(raw)
+
+    def tta_views(self, batch: np.ndarray) -> list[np.ndarray]:
+        """predict.tta_views of a batch of pixels [B, 28, 28]."""
+        import torch
+
+        import predict
+
+        views = predict.tta_views(torch.from_numpy(batch).unsqueeze(1), self.mirror)
+        return [view[:, 0].numpy() for view in views]
 
 
 def is_onnx(path: str) -> bool:
     """Whether a --checkpoint or --export path names an ONNX file."""
     return Path(path).suffix.lower() == ".onnx"
-
-
-def fp32_cpu() -> model.Precision:
-    """How an export's PyTorch reference runs: fp32, plain memory format, on the CPU."""
-    return OnnxEnsemble.precision

@@ -19,10 +19,8 @@ import io
 import math
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 import torch
@@ -30,10 +28,11 @@ import torch.nn.functional as F
 
 import dataset
 import export
+import images
 import model
 import report
 from atomic import atomic_write, ensure_writable
-from cli import CLIParser, UserError, first_line, run_cli, working_root
+from cli import CLIParser, UserError, run_cli, working_root
 
 TTA_SHIFT = 1  # pixels
 TTA_DEGREES = 8.0
@@ -212,6 +211,9 @@ class Ensemble:
     def stories(self) -> list[dict]:
         return [model_story(member) for member in self.members]
 
+    def numerics(self) -> str:
+        return f"{self.device.type} ({self.precision.describe()})"
+
     def predict_proba(
         self, images: np.ndarray, tta: bool = False, batch_size: int = dataset.EVAL_BATCH_SIZE
     ) -> np.ndarray:
@@ -237,6 +239,29 @@ class Ensemble:
                 out.append(torch.stack([calibrated, raw]).cpu() / views)
         both = torch.cat(out, 1).numpy()
         return both[0], both[1]
+
+
+class EnsembleGraph(torch.nn.Module):
+    """An Ensemble's members as one module, what an ONNX export computes: the mean calibrated
+    and raw probabilities of pixel values 0..255 [B, 28, 28]."""
+
+    def __init__(self, members: list[Member]) -> None:
+        super().__init__()
+        self.nets = torch.nn.ModuleList(member.net for member in members)
+        self.scales = [(m.normalize.mean, m.normalize.std, m.temperature) for m in members]
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = pixels.unsqueeze(1) / 255
+        calibrated, raw = 0, 0
+        for net, (mean, std, temperature) in zip(self.nets, self.scales, strict=True):
+            logits = net((x - mean) / std)
+            calibrated = calibrated + (logits / temperature).softmax(1)
+            raw = raw + logits.softmax(1)
+        return calibrated / len(self.nets), raw / len(self.nets)
+
+
+# How an ONNX export's PyTorch reference runs: fp32, plain memory format (on the CPU).
+EXPORT_PRECISION = model.Precision(dtype=None, grad_scaler=False, channels_last=False)
 
 
 def count_seen(fingerprint: dict[str, np.ndarray] | None, images: np.ndarray) -> dict | None:
@@ -298,88 +323,10 @@ def write_submission(path: Path, ids: np.ndarray, probs: np.ndarray, probabiliti
 # ---------------------------------------------------------------- your own images
 
 
-def preprocess_image(source: str | Path | IO[bytes], name: str | None = None) -> np.ndarray:
-    """An image file (a path, or a binary file called `name` in messages) as an MNIST digit:
-    grayscale, light background inverted, cropped to the ink, fitted into 20x20 keeping the
-    aspect ratio, centred by centre of mass in 28x28 (uint8)."""
-    from PIL import Image
-
-    name = name or str(source)
-    ink = _ink(_open_image(source, name))
-    if ink.max() <= 0:
-        raise UserError(f"{name}: no digit found (the image is blank)")
-    ink = ink / ink.max()
-    ink[ink < 0.15] = 0  # paper texture, JPEG ringing
-    rows, cols = np.flatnonzero(ink.any(1)), np.flatnonzero(ink.any(0))
-    ink = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-    h, w = ink.shape
-    scale = 20 / max(h, w)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    fitted = Image.fromarray(np.uint8(ink * 255)).resize(size, Image.Resampling.LANCZOS)
-    patch = np.asarray(fitted, dtype=np.float64)
-    mass = patch.sum()
-    cy = (patch.sum(1) * np.arange(patch.shape[0])).sum() / mass
-    cx = (patch.sum(0) * np.arange(patch.shape[1])).sum() / mass
-    # MNIST puts the centre of mass at pixel (14, 14), measured on its test set: 13.99, 14.01
-    top = min(max(round(14 - cy), 0), 28 - patch.shape[0])
-    left = min(max(round(14 - cx), 0), 28 - patch.shape[1])
-    out = np.zeros((28, 28), np.uint8)
-    out[top : top + patch.shape[0], left : left + patch.shape[1]] = np.asarray(fitted)
-    return out
-
-
-MAX_IMAGE_PIXELS = 50_000_000  # 8,660 x 5,773: larger than any phone photo of a digit
-WORK_SIDE = 1024  # an image's longest side while it is prepared; the digit ends 20 pixels tall
-
-
-class ImageTooLarge(UserError):
-    """An image over MAX_IMAGE_PIXELS, refused before its pixels are decoded."""
-
-
-def _open_image(source: str | Path | IO[bytes], name: str):
-    """The image, loaded at most WORK_SIDE pixels on its longest side (a JPEG decoded at a
-    reduced scale): memory stays bounded; one over MAX_IMAGE_PIXELS is refused unread."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    try:
-        with warnings.catch_warnings():  # Pillow warns of large images; they are refused here
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(source) as img:
-                if img.width * img.height > MAX_IMAGE_PIXELS:
-                    raise Image.DecompressionBombError(f"{img.width} x {img.height}")
-                img.draft(None, (WORK_SIDE, WORK_SIDE))
-                img = ImageOps.exif_transpose(img)
-                img.load()
-    except FileNotFoundError:
-        raise UserError(f"{name}: no such image file") from None
-    except Image.DecompressionBombError:
-        raise ImageTooLarge(
-            f"{name}: more than {MAX_IMAGE_PIXELS:,} pixels, too large to read (resize it)"
-        ) from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise UserError(f"{name}: not a readable image: {first_line(e)}") from None
-    img.thumbnail((WORK_SIDE, WORK_SIDE))
-    return img
-
-
-def _ink(img) -> np.ndarray:
-    """Ink intensity (float, background 0): transparency when the image has any, else the gray
-    levels, inverted when the border (the background) is light."""
-    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
-        alpha = np.asarray(img.convert("RGBA"), dtype=np.float64)[..., 3]
-        if alpha.min() < 255:
-            return alpha - alpha.min()
-    gray = np.asarray(img.convert("L"), dtype=np.float64)
-    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
-    background = float(np.median(border))
-    ink = background - gray if background >= 128 else gray - background
-    return np.clip(ink, 0, None)
-
-
 def predict_images(options: Options, ensemble: Ensemble) -> list[dict]:
     """Print each image's predicted class and probability; draw the preprocessed inputs."""
-    images = np.stack([preprocess_image(path) for path in options.image])
-    probs = ensemble.predict_proba(images, options.tta, options.batch_size)
+    prepared = np.stack([images.preprocess_image(path) for path in options.image])
+    probs = ensemble.predict_proba(prepared, options.tta, options.batch_size)
     names = ensemble.class_names
     results = []
     for path, p in zip(options.image, probs, strict=True):
@@ -393,12 +340,12 @@ def predict_images(options: Options, ensemble: Ensemble) -> list[dict]:
             f"{Path(r['image']).name}\n{r['class']} {r['probability']:.0%}" for r in results
         ]
         grid = plots.prediction_grid(
-            images,
+            prepared,
             captions,
             None,
             "Your images after MNIST-style preprocessing, with the prediction",
             Path(options.report_dir) / "own_images.png",
-            cols=min(len(images), 8),
+            cols=min(len(prepared), 8),
         )
         print(f"wrote {grid}")
     return results
@@ -503,8 +450,8 @@ def write_report(options: Options, ensemble: Ensemble, data, both, summary: dict
         "abstained": summary.get("abstained"),
         "predict_seconds": summary["seconds"],
         "versions": model.library_versions(),
-        "footer": f"predict.py on {ensemble.device.type} ({ensemble.precision.describe()}), "
-        f"torch {torch.__version__}; {ensemble.describe()}",
+        "footer": f"predict.py on {ensemble.numerics()}, torch {torch.__version__}; "
+        f"{ensemble.describe()}",
     }
     names = ensemble.class_names
     if data.labels is None:
@@ -572,7 +519,7 @@ def main(argv: list[str] | None = None) -> dict | list[dict]:
     if not options.no_report:
         ensure_writable(options.report_dir, "--report-dir")
     if options.export:
-        ensemble = Ensemble(options.checkpoint, torch.device("cpu"), export.fp32_cpu())
+        ensemble = Ensemble(options.checkpoint, torch.device("cpu"), EXPORT_PRECISION)
         return export.export(ensemble, Path(options.export))
     ensemble = load_models(options)
     if options.image:

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-import predict
+import export
+import images
 from cli import CLIParser, UserError, run_cli, working_root
 
 MAX_REQUEST_BYTES = 10_000_000  # a phone photo is 2-6 MB
@@ -48,10 +49,15 @@ def parse_args(argv: list[str] | None) -> Options:
 
 
 def load(checkpoint: str):
-    """The model to serve (predict.load_models on the CPU), or None when the file does not exist
-    yet: the page then says how to train one. Any other problem with the file is a UserError."""
+    """The model to serve: an ONNX export on onnxruntime, or checkpoints on the CPU; None when
+    the file does not exist yet (the page then says how to train one). Any other problem with
+    the file is a UserError."""
     if not Path(checkpoint).is_file():
         return None
+    if export.is_onnx(checkpoint):
+        return export.OnnxEnsemble(checkpoint)  # without importing torch: a start in a second
+    import predict
+
     return predict.load_models(predict.Options(checkpoint=[checkpoint], device="cpu"))
 
 
@@ -141,8 +147,8 @@ def create_app(checkpoint: str):
                 return error(413, f"request over {MAX_REQUEST_BYTES:,} bytes: send a smaller image")
         try:
             data = decode(bytes(body))
-            image = predict.preprocess_image(io.BytesIO(data), name="the image sent")
-        except predict.ImageTooLarge as e:
+            image = images.preprocess_image(io.BytesIO(data), name="the image sent")
+        except images.ImageTooLarge as e:
             return error(413, str(e))
         except UserError as e:
             return error(400, str(e))

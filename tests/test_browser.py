@@ -19,6 +19,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 import dataset
+import images
 import predict
 import serve
 import train
@@ -123,7 +124,7 @@ def sure_digit(checkpoint: str, render, after: int = -1) -> int:
     models = predict.load_models(predict.Options(checkpoint=[checkpoint], device="cpu"))
     test = dataset.load_csv(TEST)
     for row in range(after + 1, 100):
-        image = predict.preprocess_image(io.BytesIO(render(test.images[row])), name="drawing")
+        image = images.preprocess_image(io.BytesIO(render(test.images[row])), name="drawing")
         probs = models.predict_proba(image[None])[0]
         if probs.argmax() == test.labels[row] and probs.max() > 0.9:
             return row

@@ -125,7 +125,7 @@ def test_the_report_of_an_export_tells_the_same_story(tmp_path, exported):
 def test_the_leak_guard_works_from_the_export(exported, checkpoints):
     images = dataset.load_csv(SAMPLE_TRAIN).images[:300]
     onnx_model = export.OnnxEnsemble(exported["both"])
-    pt_models = predict.Ensemble(checkpoints, torch.device("cpu"), export.fp32_cpu())
+    pt_models = predict.Ensemble(checkpoints, torch.device("cpu"), predict.EXPORT_PRECISION)
     assert onnx_model.seen_in_training(images) == pt_models.seen_in_training(images)
     assert onnx_model.seen_in_training(images)["seen"] == 300
 

@@ -23,6 +23,7 @@ from conftest import ROOT, csv_text
 from PIL import Image
 
 import dataset
+import images
 import model
 import predict
 import train
@@ -337,7 +338,7 @@ def _png_claiming(path, width: int, height: int) -> None:
 def test_a_huge_image_is_refused_before_it_is_read(tmp_path, side):
     _png_claiming(tmp_path / "huge.png", side, side)
     with pytest.raises(UserError, match=r"huge\.png: more than 50,000,000 pixels, too large"):
-        predict.preprocess_image(tmp_path / "huge.png")
+        images.preprocess_image(tmp_path / "huge.png")
 
 
 def test_a_large_photo_is_prepared_like_a_small_one(tmp_path):
@@ -346,7 +347,7 @@ def test_a_large_photo_is_prepared_like_a_small_one(tmp_path):
         Image.fromarray(digit).resize((28 * scale, 28 * scale), Image.BICUBIC).save(
             tmp_path / f"{name}.jpg"
         )
-    small, large = (predict.preprocess_image(tmp_path / f"{n}.jpg") for n in ("small", "large"))
+    small, large = (images.preprocess_image(tmp_path / f"{n}.jpg") for n in ("small", "large"))
     assert np.abs(small.astype(int) - large).mean() < 8
 
 

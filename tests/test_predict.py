@@ -17,6 +17,7 @@ from conftest import make_table
 from PIL import Image
 
 import dataset
+import images
 import model
 import predict
 import train
@@ -483,7 +484,7 @@ def test_rendered_real_digits_get_the_same_prediction_as_their_rows(tmp_path, ch
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """A real digit drawn off-centre as dark ink on light paper, light on dark, and as strokes on
-    a transparent canvas; each file prepared by predict.preprocess_image."""
+    a transparent canvas; each file prepared by images.preprocess_image."""
     tmp_path = tmp_path_factory.mktemp("prepared")
     row = dataset.load_csv(SAMPLE_TEST).images[3]
     render(row, tmp_path / "dark_on_light.png", top=140, left=3)
@@ -493,7 +494,7 @@ def prepared(tmp_path_factory):
     rgba[..., 3] = light_on_dark  # strokes drawn on a transparent canvas
     Image.fromarray(rgba, "RGBA").save(tmp_path / "transparent.png")
     return row, {
-        name: predict.preprocess_image(tmp_path / f"{name}.png")
+        name: images.preprocess_image(tmp_path / f"{name}.png")
         for name in ("dark_on_light", "light_on_dark", "transparent")
     }
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import base64
 import io
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 import dataset
+import images
 import predict
 import serve
 import train
@@ -77,7 +80,7 @@ def test_the_answer_holds_the_probabilities_the_runner_up_and_the_input(client, 
     assert sum(probs.values()) == pytest.approx(1, abs=1e-4)
     assert answer["probability"] == max(probs.values())
     assert answer["runner_up"]["class"] != answer["class"]
-    np.testing.assert_array_equal(answer["input"], predict.preprocess_image(drawn))
+    np.testing.assert_array_equal(answer["input"], images.preprocess_image(drawn))
 
 
 def test_health_names_the_model(client, checkpoint):
@@ -139,3 +142,26 @@ def test_a_checkpoint_holding_code_is_refused_at_start(tmp_path):
     torch.save({"format": 1, "payload": RunsCode()}, tmp_path / "evil.pt")
     with pytest.raises(UserError, match="holds code or objects a checkpoint must not"):
         serve.create_app(str(tmp_path / "evil.pt"))
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoint, tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    predict.main(["--checkpoint", checkpoint, "--export", str(path)])
+    return str(path)
+
+
+def test_an_export_is_served_with_the_checkpoints_answer(client, exported, drawn):
+    onnx_client = TestClient(serve.create_app(exported))
+    body = Path(drawn).read_bytes()
+    got, expected = (c.post("/predict", content=body).json() for c in (onnx_client, client))
+    assert got["class"] == expected["class"]
+    assert got["probability"] == pytest.approx(expected["probability"], abs=0.02)
+
+
+def test_an_export_is_served_without_importing_torch(exported):
+    check = "import sys, serve; serve.create_app(sys.argv[1]); sys.exit('torch' in sys.modules)"
+    assert (
+        subprocess.run([sys.executable, "-c", check, exported], cwd=serve.PAGE.parent).returncode
+        == 0
+    )
