@@ -90,6 +90,18 @@ def answer(models, image: np.ndarray) -> dict:
     }
 
 
+def respond(models, body: bytes) -> tuple[int, dict]:
+    """The status and JSON of one /predict request body: the prediction, or the error (413 for
+    an image too large to read, 400 for anything else wrong with it)."""
+    try:
+        image = images.preprocess_image(io.BytesIO(decode(body)), name="the image sent")
+    except images.ImageTooLarge as e:
+        return 413, {"error": str(e)}
+    except UserError as e:
+        return 400, {"error": str(e)}
+    return 200, answer(models, image)
+
+
 def describe(models, checkpoint: str) -> dict:
     """What /health says of the model."""
     if models is None:
@@ -145,14 +157,8 @@ def create_app(checkpoint: str):
             body += chunk
             if len(body) > MAX_REQUEST_BYTES:
                 return error(413, f"request over {MAX_REQUEST_BYTES:,} bytes: send a smaller image")
-        try:
-            data = decode(bytes(body))
-            image = images.preprocess_image(io.BytesIO(data), name="the image sent")
-        except images.ImageTooLarge as e:
-            return error(413, str(e))
-        except UserError as e:
-            return error(400, str(e))
-        return await run_in_threadpool(answer, models, image)
+        status, content = await run_in_threadpool(respond, models, bytes(body))
+        return JSONResponse(content, status_code=status)
 
     return app
 
