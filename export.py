@@ -106,6 +106,18 @@ def metadata(ensemble) -> dict[str, str]:
     }
 
 
+STORY_KEYS = {"checkpoint", "arch", "parameters", "temperature", "history", "epoch"}
+
+
+def fingerprint(seen: dict | None) -> dict[str, np.ndarray] | None:
+    """The leak guard's fingerprint from the metadata (base64 of int64 hashes)."""
+    if seen is None:
+        return None
+    return {
+        split: np.frombuffer(base64.b64decode(seen[split]), np.int64) for split in ("train", "val")
+    }
+
+
 def pixels(images: np.ndarray) -> np.ndarray:
     """uint8 images [N, 28, 28] as the export's input."""
     return images.astype(np.float32)
@@ -129,16 +141,16 @@ class OnnxEnsemble:
             self.class_names = tuple(json.loads(meta["class_names"]))
             self._stories = json.loads(meta["models"])
             self.mirror = bool(json.loads(meta["mirror"]))
-            seen = json.loads(meta["seen_rows"])
-        except (KeyError, ValueError, TypeError) as e:
+            self.fingerprint = fingerprint(json.loads(meta["seen_rows"]))
+            if not all(isinstance(name, str) for name in self.class_names):
+                raise ValueError("class_names is not a list of names")
+            for story in self._stories:
+                history = story.get("history")
+                if not story.keys() >= STORY_KEYS or not isinstance(history, list | None):
+                    raise ValueError(f"a model's record lacks {', '.join(sorted(STORY_KEYS))}")
+                story["checkpoint"] = f"{path} ({story['checkpoint']})"
+        except (KeyError, ValueError, TypeError, AttributeError) as e:
             raise UserError(f"{path}: damaged export metadata: {first_line(e)}") from None
-        self.fingerprint = None
-        if seen is not None:
-            self.fingerprint = {
-                k: np.frombuffer(base64.b64decode(v), np.int64) for k, v in seen.items()
-            }
-        for story in self._stories:
-            story["checkpoint"] = f"{path} ({story['checkpoint']})"
 
     @staticmethod
     def session(data: bytes, path: str | Path):

@@ -167,6 +167,7 @@ PREDICT = ["--input", SAMPLE_TEST, "--checkpoint"]
         ([*PREDICT, "{onnx}", "{pt}"], "an ONNX export stands alone"),
         ([*PREDICT, "{folder}/foreign.onnx"], "not an ONNX export of this project"),
         ([*PREDICT, "{folder}/corrupt.onnx"], "corrupt.onnx: not a loadable ONNX model"),
+        ([*PREDICT, "{folder}/damaged.onnx"], "damaged.onnx: damaged export metadata"),
     ],
 )
 def test_bad_exports_get_one_line_and_exit_2(
@@ -174,6 +175,9 @@ def test_bad_exports_get_one_line_and_exit_2(
 ):
     _foreign_onnx(tmp_path / "foreign.onnx")
     (tmp_path / "corrupt.onnx").write_bytes(b"\x08\x07garbage" * 40)
+    damaged = onnx.load(exported["one"])
+    onnx.helper.set_model_props(damaged, {"format": export.FORMAT, "models": '[{"arch": 1}]'})
+    onnx.save(damaged, tmp_path / "damaged.onnx")
     args = [f.format(folder=tmp_path, pt=checkpoints[0], onnx=exported["one"]) for f in flags]
     with pytest.raises(SystemExit) as exit_info:
         run_cli(predict.main, [*args, "--output", str(tmp_path / "s.csv")])
