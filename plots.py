@@ -367,7 +367,7 @@ def accuracy_coverage(labels, probs, min_confidence: float | None, path: Path) -
     fig, ax = plt.subplots(figsize=(7, 4.2))
     ax.plot(100 * coverage, 100 * accuracy, color=BAR)
     if min_confidence is not None:
-        kept = int((probs.max(1) >= min_confidence).sum())
+        kept = int((~report.abstentions(probs, min_confidence)).sum())
         if kept:
             x, y = 100 * coverage[kept - 1], 100 * accuracy[kept - 1]
             ax.plot([x], [y], "o", color=MISTAKE)

@@ -24,9 +24,6 @@ FIGURES = (
     ("per_class_errors.png", "Error rate per class"),
     ("sample_predictions.png", "Sample predictions"),
     ("confident_mistakes.png", "The most confident mistakes"),
-    ("reliability.png", "Reliability diagram"),
-    ("accuracy_coverage.png", "Accuracy against coverage"),
-    ("review.png", "Set aside for review"),
 )
 
 
@@ -46,12 +43,11 @@ def compute_metrics(
     per_class = _per_class(table, cm, names)
     error_rates = np.array([c["error_rate"] for c in per_class.values()])
     ranked = [names[i] for i in np.argsort(-error_rates, kind="stable") if error_rates[i]]
-    p_true = probs[np.arange(len(labels)), labels]
     return {
         "rows": len(labels),
         "accuracy": float((preds == labels).mean()),
         "errors": int((preds != labels).sum()),
-        "log_loss": float(-np.log(np.clip(p_true, 1e-12, 1)).mean()),
+        "log_loss": log_loss(probs, labels),
         "macro_avg": _averages(table["macro avg"]),
         "weighted_avg": _averages(table["weighted avg"]),
         "per_class": per_class,
@@ -62,6 +58,12 @@ def compute_metrics(
         "calibration": calibration(labels, probs, probs if raw is None else raw),
         "accuracy_at_coverage": accuracy_at_coverages(labels, probs),
     }
+
+
+def log_loss(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean negative log of the probability given to the true class (clipped at 1e-12)."""
+    p_true = probs[np.arange(len(labels)), labels]
+    return float(-np.log(np.clip(p_true, 1e-12, 1)).mean())
 
 
 def _per_class(table: dict, cm: np.ndarray, names: list[str]) -> dict:
@@ -186,11 +188,10 @@ def calibration(labels: np.ndarray, probs: np.ndarray, raw: np.ndarray) -> dict:
     calibration (`probs`)."""
 
     def scores(p: np.ndarray) -> dict:
-        p_true = p[np.arange(len(labels)), labels]
         return {
             "ece": expected_calibration_error(p, labels),
             "brier": brier_score(p, labels),
-            "log_loss": float(-np.log(np.clip(p_true, 1e-12, 1)).mean()),
+            "log_loss": log_loss(p, labels),
             "mean_confidence": float(p.max(1).mean()),
             "bins": reliability_bins(p, labels),
         }

@@ -458,7 +458,8 @@ def build_run(cfg: Config, splits: Splits, device: torch.device, precision: mode
 
 def training_state(run: Run) -> dict:
     """What last.pt holds besides the weights, so that --resume continues exactly where the run
-    stopped; restore_training_state, below, reads back every key."""
+    stopped; restore_training_state, below, reads back every key (and the history, which
+    every checkpoint holds)."""
     opt = run.optimization
     rng = {"torch": torch.get_rng_state(), "batches": run.train_batches.generator.get_state()}
     if run.device.type == "cuda":
@@ -468,7 +469,6 @@ def training_state(run: Run) -> dict:
         "scheduler": None if opt.scheduler is None else opt.scheduler.state_dict(),
         "scaler": None if opt.scaler is None else opt.scaler.state_dict(),
         "rng": rng,
-        "history": run.history,
         "best_val_acc": run.best_val_acc,
     }
 
@@ -643,9 +643,8 @@ def write_history(path: Path, history: list[dict]) -> None:
 # ---------------------------------------------------------------- after the epochs
 
 
-def score_test(run: Run, best: dict, test: dataset.CSVData) -> dict:
-    """best.pt scored once on the labelled test set."""
-    net = run.precision.place(model.model_from_checkpoint(best), run.device)
+def score_test(run: Run, net: nn.Module, test: dataset.CSVData) -> dict:
+    """best.pt's network scored once on the labelled test set."""
     batches = dataset.DeviceBatches(
         test.images, test.labels, dataset.EVAL_BATCH_SIZE, run.device, run.val_batches.normalize
     )
@@ -654,11 +653,10 @@ def score_test(run: Run, best: dict, test: dataset.CSVData) -> dict:
     return {"test_loss": loss, "test_acc": acc, "test_source": test.source}
 
 
-def calibrate(run: Run, best_path: Path) -> dict:
-    """Fit best.pt's temperature on the validation split (report.fit_temperature) and store it
-    in best.pt, which predict.py then applies; the fit's figures, before and after."""
-    best = model.load_checkpoint(best_path)
-    net = run.precision.place(model.model_from_checkpoint(best), run.device)
+def calibrate(run: Run, net: nn.Module, best: dict, best_path: Path) -> dict:
+    """Fit the temperature of best.pt (`best`, its network `net`) on the validation split
+    (report.fit_temperature) and store it in best.pt, which predict.py then applies; the fit's
+    figures, before and after."""
     logits = predict_logits(net, run.val_batches, run.precision).cpu().numpy()
     labels = run.val_batches.y.cpu().numpy()
     temperature = report.fit_temperature(logits, labels)
@@ -689,8 +687,9 @@ def finish(run: Run, splits: Splits, started: float) -> dict:
     """The test score of best.pt, metrics.json and the training curves; the run's summary."""
     cfg = run.cfg
     best_path = Path(cfg.model_dir) / "best.pt"
-    fit = calibrate(run, best_path)
     best = model.load_checkpoint(best_path)
+    net = run.precision.place(model.model_from_checkpoint(best), run.device)
+    fit = calibrate(run, net, best, best_path)
     images_per_s = len(splits.train) * run.epochs_here / max(run.train_seconds, 1e-9)
     summary = {
         "best_epoch": best["epoch"],
@@ -703,7 +702,7 @@ def finish(run: Run, splits: Splits, started: float) -> dict:
         "train_source": splits.parsed.source,
     }
     if splits.test is not None:
-        summary.update(score_test(run, best, splits.test))
+        summary.update(score_test(run, net, splits.test))
     summary["wall_seconds"] = round(time.perf_counter() - started, 1)
     versions = run.checkpoint_meta["versions"]
     write_json(

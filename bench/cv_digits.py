@@ -69,13 +69,17 @@ def score(checkpoints: list[str], test_csv: Path, tmp: Path, tta: bool) -> float
     return predict.main(args)["accuracy"]
 
 
-def calibration(checkpoints: list[str], test_csv: Path, tmp: Path, tta: bool) -> dict[str, float]:
-    """The expected calibration error of a model (or ensemble) on the held-out digits, before
-    and after the temperatures, from predict.py's report."""
+def scored_with_calibration(
+    checkpoints: list[str], test_csv: Path, tmp: Path, tta: bool
+) -> tuple[float, dict[str, float]]:
+    """The accuracy of a model (or ensemble) on the held-out digits and its expected calibration
+    error there, before and after the temperatures, from one predict.py run with its report."""
     args = ["--checkpoint", *checkpoints, "--input", str(test_csv), "--report-dir", str(tmp)]
-    predict.main([*args, "--output", str(tmp / "scored.csv")] + (["--tta"] if tta else []))
+    summary = predict.main(
+        [*args, "--output", str(tmp / "scored.csv")] + (["--tta"] if tta else [])
+    )
     fit = json.loads((tmp / "metrics.json").read_text())["calibration"]
-    return {"before": fit["before"]["ece"], "after": fit["after"]["ece"]}
+    return summary["accuracy"], {"before": fit["before"]["ece"], "after": fit["after"]["ece"]}
 
 
 def run_split(data, test_rows: np.ndarray, folder: Path, args) -> dict:
@@ -91,18 +95,20 @@ def run_split(data, test_rows: np.ndarray, folder: Path, args) -> dict:
     members = [str(folder / "best.pt")]
     if args.ensemble > 1:
         members = [str(train.member_dir(folder, s) / "best.pt") for s in range(args.ensemble)]
+    single = [
+        scored_with_calibration([m], test_csv, folder / f"report{k}", False)
+        for k, m in enumerate(members)
+    ]
     row = {
         "train_seconds": round(seconds, 1),
-        "single": [score([m], test_csv, folder, False) for m in members],
+        "single": [accuracy for accuracy, _ in single],
         "single_tta": [score([m], test_csv, folder, True) for m in members],
-        "ece": [
-            calibration([m], test_csv, folder / f"report{k}", False) for k, m in enumerate(members)
-        ],
+        "ece": [ece for _, ece in single],
     }
     if args.ensemble > 1:
         row["ensemble"] = score(members, test_csv, folder, False)
-        row["ensemble_tta"] = score(members, test_csv, folder, True)
-        row["ensemble_tta_ece"] = calibration(members, test_csv, folder / "report", True)
+        accuracy, ece = scored_with_calibration(members, test_csv, folder / "report", True)
+        row["ensemble_tta"], row["ensemble_tta_ece"] = accuracy, ece
     return row
 
 
