@@ -22,7 +22,7 @@ import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import redirect_stderr, redirect_stdout
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import IO
@@ -682,11 +682,22 @@ class Augment:
         ]
         return ", ".join(text for on, text in parts if on) or "none"
 
+    def scaled(self, strength: float) -> Augment:
+        """This policy with every distortion's range multiplied by `strength` (mirroring kept)."""
+        ranges = ("degrees", "translate", "scale", "shear")
+        return replace(self, **{name: getattr(self, name) * strength for name in ranges})
+
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Distort a float batch [B,1,H,W] whose background is 0."""
-        n = x.shape[0]
+        return self.apply(x, self.draw(x.shape[0], generator))
+
+    def draw(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """The random numbers of `n` images' distortions, in [-1, 1)."""
         columns = 6 if self.hflip else 5  # digits keep the random stream they were tuned with
-        draws = torch.rand(n, columns, generator=generator, device=generator.device) * 2 - 1
+        return torch.rand(n, columns, generator=generator, device=generator.device) * 2 - 1
+
+    def apply(self, x: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+        """Distort a float batch [B,1,H,W] by the distortions `draws` (one row an image)."""
         draws = draws.to(x.device)
         angle = draws[:, 0] * math.radians(self.degrees)
         shear = draws[:, 1] * math.radians(self.shear)
@@ -710,7 +721,7 @@ class DeviceBatches:
     Python work, normalized by `normalize` (None: left at 0..1). With `shuffle_seed` it is a
     training pass: a new order every pass (from that seed), each batch augmented when `augment`
     is given, and a last partial batch dropped when there are several. Without it, every row in
-    order."""
+    order. `share` makes it one DistributedDataParallel rank's."""
 
     def __init__(
         self,
@@ -723,12 +734,20 @@ class DeviceBatches:
         augment: Augment | None = None,
     ) -> None:
         self.device = torch.device(device)
+        self.rank, self.world = 0, 1
         self.x = torch.as_tensor(images).to(self.device)
         self.y = None if labels is None else torch.as_tensor(labels).to(self.device)
         self.batch_size, self.normalize, self.augment = batch_size, normalize, augment
         self.shuffle = shuffle_seed is not None
         self.drop_last = self.shuffle and len(self.x) > batch_size
         self.generator = torch.Generator().manual_seed(shuffle_seed or 0)
+
+    def share(self, rank: int, world: int) -> DeviceBatches:
+        """Yield only every world-th row of each batch from the rank-th on, as a rank of
+        DistributedDataParallel trains: the ranks draw the same order and distortions and each
+        takes its share. Returns itself."""
+        self.rank, self.world = rank, world
+        return self
 
     def __len__(self) -> int:
         n, b = len(self.x), self.batch_size
@@ -741,13 +760,16 @@ class DeviceBatches:
         )
         for k in range(len(self)):
             window = slice(k * self.batch_size, min(n, (k + 1) * self.batch_size))
-            rows = order[window] if order is not None else window
-            xb = self.x[rows].unsqueeze(1).float().div_(255)
+            mine = slice(window.start + self.rank, window.stop, self.world)
+            if order is not None:
+                mine = order[window][self.rank :: self.world]
+            xb = self.x[mine].unsqueeze(1).float().div_(255)
             if self.augment is not None:
-                xb = self.augment(xb, self.generator)
+                draws = self.augment.draw(window.stop - window.start, self.generator)
+                xb = self.augment.apply(xb, draws[self.rank :: self.world])
             if self.normalize is not None:
                 xb = self.normalize(xb)
-            yield xb, (None if self.y is None else self.y[rows])
+            yield xb, (None if self.y is None else self.y[mine])
 
 
 # ---------------------------------------------------------------- exploration CLI

@@ -146,6 +146,19 @@ def require_arch(arch: str) -> None:
         )
 
 
+def arch_kwargs(arch: str, num_classes: int, width: int | None = None) -> dict:
+    """The builder arguments of `arch` for `num_classes` and, when given, a width, which only
+    architectures with a width take (refused in one line for the others)."""
+    if width is None:
+        return {"num_classes": num_classes}
+    if "width" not in inspect.signature(ARCHITECTURES[arch]).parameters:
+        having = [
+            name for name, b in ARCHITECTURES.items() if "width" in inspect.signature(b).parameters
+        ]
+        raise UserError(f"--width {width}: {arch} has no width to set ({', '.join(having)} have)")
+    return {"num_classes": num_classes, "width": width}
+
+
 def build(arch: str, **kwargs) -> nn.Module:
     """A freshly initialised network of a registered architecture."""
     require_arch(arch)

@@ -17,8 +17,12 @@ import argparse
 import csv
 import io
 import math
+import multiprocessing
+import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack, redirect_stderr, redirect_stdout
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -28,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dataset
+import ddp
 import model
 import report
 from atomic import atomic_write, ensure_writable, write_json
@@ -66,6 +71,7 @@ OPTIMIZERS = {
 }
 SCHEDULERS = ("onecycle", "cosine", "step", "plateau", "none")
 HERE = {"here": True}  # a setting of how to run on this machine: --resume takes it from its flags
+RANK_SEED_STEP = 7919  # torchrun rank r > 0 draws its dropout masks from seed + r * this
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,9 @@ class Config:
     optimizer: str = "adamw"
     scheduler: str = "onecycle"
     label_smoothing: float = 0.1
+    weight_decay: float | None = None
+    width: int | None = None
+    augment_strength: float = 1.0
     ensemble: int = 1
     out_dir: str = field(default_factory=lambda: str(working_root() / "outputs"))
     model_dir: str = field(default_factory=lambda: str(working_root() / "models"))
@@ -96,6 +105,7 @@ class Config:
     deterministic: bool = field(default=False, metadata=HERE)
     quiet: bool = field(default=False, metadata=HERE)
     no_plots: bool = field(default=False, metadata=HERE)
+    tensorboard: str | None = field(default=None, metadata=HERE)
     resume: str | None = field(default=None, metadata=HERE)
 
     @classmethod
@@ -201,6 +211,15 @@ def add_run_arguments(group, value) -> None:
             f"--{flag.replace('_', '-')}", action="store_true", default=value(flag), help=what
         )
     group.add_argument(
+        "--tensorboard",
+        nargs="?",
+        const=str(working_root() / "outputs" / "tensorboard"),
+        default=value("tensorboard"),
+        metavar="DIR",
+        help="log the run for TensorBoard into DIR/<run> (DIR without a value: "
+        "outputs/tensorboard); needs the tensorboard package",
+    )
+    group.add_argument(
         "--resume",
         default=value("resume"),
         help="continue from this last.pt with its saved settings, writing beside it unless "
@@ -247,6 +266,25 @@ def add_recipe_arguments(group, value) -> None:
     group.add_argument(
         "--label-smoothing", type=float, default=value("label_smoothing"), help="of the loss"
     )
+    group.add_argument(
+        "--weight-decay",
+        type=float,
+        default=value("weight_decay"),
+        help="the optimizer's weight decay; None: its setting above",
+    )
+    group.add_argument(
+        "--width",
+        type=int,
+        default=value("width"),
+        help="channels of the first block, for architectures with a width (strong: 32); None: "
+        "the architecture's own",
+    )
+    group.add_argument(
+        "--augment-strength",
+        type=float,
+        default=value("augment_strength"),
+        help="multiplies the ranges of rotation, shift, scale and shear",
+    )
 
 
 def check_flags(given: dict) -> None:
@@ -259,12 +297,21 @@ def check_flags(given: dict) -> None:
         raise UserError(f"--lr {given['lr']}: must be a positive number (for example 3e-3)")
     if "label_smoothing" in given and not 0 <= given["label_smoothing"] < 1:
         raise UserError(f"--label-smoothing {given['label_smoothing']}: must be in [0, 1)")
+    for key, top in (("weight_decay", 1.0), ("augment_strength", 3.0)):
+        if given.get(key) is not None and not 0 <= given[key] <= top:
+            raise UserError(f"--{key.replace('_', '-')} {given[key]}: must be in [0, {top:g}]")
+    if given.get("width") is not None and not 1 <= given["width"] <= model.MAX_WIDTH:
+        raise UserError(f"--width {given['width']}: must be in [1, {model.MAX_WIDTH}]")
     if given.get("max_rows") is not None and given["max_rows"] < dataset.MIN_TRAIN_ROWS:
         raise UserError(
             f"--max-rows {given['max_rows']}: must be at least {dataset.MIN_TRAIN_ROWS}"
         )
     if "arch" in given:
         model.require_arch(given["arch"])
+    if given.get("tensorboard") is not None:
+        import tensorboard_log
+
+        tensorboard_log.require()
 
 
 # ---------------------------------------------------------------- data
@@ -358,6 +405,8 @@ class Optimization:
     def create(cls, cfg: Config, net: nn.Module, steps_per_epoch: int, fp16: bool) -> Optimization:
         """The optimizer and schedule `cfg` names for `net`; a loss scaler for fp16."""
         kind, settings = OPTIMIZERS[cfg.optimizer]
+        if cfg.weight_decay is not None:
+            settings = {**settings, "weight_decay": cfg.weight_decay}
         optimizer = kind(net.parameters(), lr=cfg.lr, **settings)
         scheduler, per_batch = make_scheduler(cfg, optimizer, cfg.epochs * steps_per_epoch)
         device_type = next(net.parameters()).device.type
@@ -402,11 +451,15 @@ class Run:
     cfg: Config
     precision: model.Precision
     net: nn.Module
+    trained: nn.Module  # `net` as the steps see it: under DistributedDataParallel with torchrun
+    ranks: ddp.Ranks
     augment: dataset.Augment | None
-    train_batches: dataset.DeviceBatches
-    val_batches: dataset.DeviceBatches
+    train_batches: dataset.DeviceBatches  # this rank's share of each batch
+    val_batches: dataset.DeviceBatches  # the whole validation split
+    val_shard: dataset.DeviceBatches  # this rank's share of it, validated every epoch
     optimization: Optimization
     checkpoint_meta: dict  # what every checkpoint holds besides weights and progress
+    watchers: list = field(default_factory=list)  # each .epoch(run, row) after every epoch
     history: list[dict] = field(default_factory=list)
     best_val_acc: float = -1.0
     epoch: int = 0  # the last finished epoch
@@ -418,25 +471,45 @@ class Run:
         return self.train_batches.device
 
 
-def build_run(cfg: Config, splits: Splits, device: torch.device, precision: model.Precision) -> Run:
-    """A freshly initialised network (seeded), the batches on the device, the optimization."""
+def build_run(
+    cfg: Config,
+    splits: Splits,
+    device: torch.device,
+    precision: model.Precision,
+    ranks: ddp.Ranks = ddp.SINGLE,
+) -> Run:
+    """A freshly initialised network (seeded), the batches on the device (this rank's share),
+    the optimization."""
+    if cfg.batch_size < ranks.world:
+        raise UserError(f"--batch-size {cfg.batch_size}: fewer images than the {ranks.world} ranks")
     mean, std = dataset.pixel_stats(splits.train.images)
-    augment = dataset.Augment.for_classes(splits.parsed.class_names) if cfg.augment else None
+    augment = None
+    if cfg.augment:
+        policy = dataset.Augment.for_classes(splits.parsed.class_names)
+        augment = policy.scaled(cfg.augment_strength)
     torch.manual_seed(cfg.seed)
-    num_classes = len(splits.parsed.class_names)
-    net = precision.place(model.build(cfg.arch, num_classes=num_classes), device)
+    kwargs = model.arch_kwargs(cfg.arch, len(splits.parsed.class_names), cfg.width)
+    net = precision.place(model.build(cfg.arch, **kwargs), device)
+    if ranks.rank:  # its own dropout masks; the weights are rank 0's (DDP broadcasts them)
+        torch.manual_seed(cfg.seed + RANK_SEED_STEP * ranks.rank)
     normalize = dataset.Normalize(mean, std, precision.channels_last)
-    train = splits.train
+    train, val = splits.train, splits.val
     train_batches = dataset.DeviceBatches(
         train.images, train.labels, cfg.batch_size, device, normalize, cfg.seed, augment
-    )
+    ).share(*ranks.shard)
     val_batches = dataset.DeviceBatches(
-        splits.val.images, splits.val.labels, dataset.EVAL_BATCH_SIZE, device, normalize
+        val.images, val.labels, dataset.EVAL_BATCH_SIZE, device, normalize
     )
+    val_shard = val_batches
+    if ranks.world > 1:
+        mine = slice(ranks.rank, None, ranks.world)
+        val_shard = dataset.DeviceBatches(
+            val.images[mine], val.labels[mine], dataset.EVAL_BATCH_SIZE, device, normalize
+        )
     optimization = Optimization.create(cfg, net, len(train_batches), precision.grad_scaler)
     meta = {
         "arch": cfg.arch,
-        "arch_kwargs": {"num_classes": num_classes},
+        "arch_kwargs": kwargs,
         "mean": mean,
         "std": std,
         "class_names": list(splits.parsed.class_names),
@@ -450,18 +523,33 @@ def build_run(cfg: Config, splits: Splits, device: torch.device, precision: mode
         "versions": model.library_versions(),
         "curves": curves_caption(cfg, net),  # how the history's training metrics were measured
     }
-    return Run(cfg, precision, net, augment, train_batches, val_batches, optimization, meta)
+    return Run(
+        cfg=cfg,
+        precision=precision,
+        net=net,
+        trained=ddp.wrap(net, ranks, device),
+        ranks=ranks,
+        augment=augment,
+        train_batches=train_batches,
+        val_batches=val_batches,
+        val_shard=val_shard,
+        optimization=optimization,
+        checkpoint_meta=meta,
+    )
 
 
 # ---------------------------------------------------------------- checkpoint state
 
 
-def training_state(run: Run) -> dict:
+def training_state(run: Run, rank_rngs: list[torch.Tensor]) -> dict:
     """What last.pt holds besides the weights, so that --resume continues exactly where the run
-    stopped; restore_training_state, below, reads back every key (and the history, which
-    every checkpoint holds)."""
+    stopped (`rank_rngs`: every torchrun rank's random state, rank 0's first);
+    restore_training_state, below, reads back every key (and the history, which every
+    checkpoint holds)."""
     opt = run.optimization
-    rng = {"torch": torch.get_rng_state(), "batches": run.train_batches.generator.get_state()}
+    rng = {"torch": rank_rngs[0], "batches": run.train_batches.generator.get_state()}
+    if len(rank_rngs) > 1:
+        rng["ranks"] = rank_rngs
     if run.device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(run.device)
     return {
@@ -482,7 +570,11 @@ def restore_training_state(run: Run, last: dict) -> None:
         opt.scheduler.load_state_dict(last["scheduler"])
     if opt.scaler is not None and last["scaler"]:
         opt.scaler.load_state_dict(last["scaler"])
-    torch.set_rng_state(last["rng"]["torch"])
+    rank_rngs = last["rng"].get("ranks", [])
+    if len(rank_rngs) == run.ranks.world:
+        torch.set_rng_state(rank_rngs[run.ranks.rank])
+    elif run.ranks.main:  # other ranks keep their own seeds when the number of ranks changed
+        torch.set_rng_state(last["rng"]["torch"])
     run.train_batches.generator.set_state(last["rng"]["batches"])
     if run.device.type == "cuda" and "cuda" in last["rng"]:
         torch.cuda.set_rng_state(last["rng"]["cuda"], run.device)
@@ -501,7 +593,10 @@ def save_checkpoints(run: Run, row: dict) -> None:
     """last.pt every epoch; best.pt when the epoch validates better than every earlier one (see
     `validates_better`). Both are written before either is replaced, best.pt first: a failure
     changes neither, and a kill between the two renames leaves a last.pt whose resumed run writes
-    the same best.pt again."""
+    the same best.pt again. Under torchrun every rank calls it and rank 0 writes."""
+    rank_rngs = ddp.gather(torch.get_rng_state(), run.ranks)
+    if not run.ranks.main:
+        return
     model_dir = Path(run.cfg.model_dir)
     state = {**run.checkpoint_meta, "state_dict": run.net.state_dict(), "epoch": run.epoch}
     state |= {"metrics": row, "history": run.history}
@@ -509,7 +604,7 @@ def save_checkpoints(run: Run, row: dict) -> None:
     if all(validates_better(row, earlier) for earlier in run.history[:-1]):
         run.best_val_acc = row["val_acc"]
         checkpoints[model_dir / "best.pt"] = state
-    checkpoints[model_dir / "last.pt"] = {**state, **training_state(run)}
+    checkpoints[model_dir / "last.pt"] = {**state, **training_state(run, rank_rngs)}
     model.save_checkpoints(checkpoints)
 
 
@@ -523,10 +618,11 @@ def train_epoch(
     precision: model.Precision,
     label_smoothing: float,
     progress: str | None,
-) -> tuple[float, float, int | None]:
-    """One pass over the shuffled (and augmented) training batches: mean loss and accuracy,
-    and the first batch (from 1) whose loss was not finite, if any. `progress` labels a live
-    progress bar; None shows none."""
+) -> torch.Tensor:
+    """One pass over the shuffled (and augmented) training batches: the sums of the loss and of
+    the right answers, the images seen, and the first batch (from 1) whose loss was not finite
+    (0: none), as one tensor for the ranks to reduce. `progress` labels a live progress bar;
+    None shows none."""
     from tqdm import tqdm
 
     net.train()
@@ -549,7 +645,8 @@ def train_epoch(
             bar.set_postfix(
                 loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.2%}"
             )
-    return loss_sum.item() / seen, correct.item() / seen, int(first_bad) or None
+    seen = torch.tensor(float(seen), device=batches.device)
+    return torch.stack((loss_sum.float(), correct.float(), seen, first_bad.float()))
 
 
 def predict_logits(
@@ -565,9 +662,26 @@ def score(
     net: nn.Module, batches: dataset.DeviceBatches, precision: model.Precision
 ) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of `net` over all batches, in eval mode, no gradients."""
+    loss_sum, correct, n = score_sums(net, batches, precision).tolist()
+    return loss_sum / n, correct / n
+
+
+def score_sums(
+    net: nn.Module, batches: dataset.DeviceBatches, precision: model.Precision
+) -> torch.Tensor:
+    """The summed cross-entropy and right answers of `net` over all batches, and their rows."""
     logits = predict_logits(net, batches, precision)
-    loss = F.cross_entropy(logits, batches.y).item()
-    return loss, (logits.argmax(1) == batches.y).float().mean().item()
+    loss_sum = F.cross_entropy(logits, batches.y, reduction="sum")
+    correct = (logits.argmax(1) == batches.y).sum()
+    n = torch.tensor(float(len(batches.y)), device=batches.device)
+    return torch.stack((loss_sum, correct.float(), n))
+
+
+def validate(run: Run) -> tuple[float, float]:
+    """Validation loss and accuracy of rank 0's network, each rank scoring its share."""
+    ddp.share_buffers(run.net, run.ranks)
+    loss_sum, correct, n = ddp.reduce(score_sums(run.net, run.val_shard, run.precision), run.ranks)
+    return (loss_sum / n).item(), (correct / n).item()
 
 
 def fit(run: Run) -> None:
@@ -576,7 +690,7 @@ def fit(run: Run) -> None:
         for epoch in range(run.epoch + 1, run.cfg.epochs + 1):
             run_epoch(run, epoch)
     except (KeyboardInterrupt, Terminated):
-        if run.epoch:
+        if run.epoch and run.ranks.main:
             last = Path(run.cfg.model_dir) / "last.pt"
             print(
                 f"stopped in epoch {run.epoch + 1}; {last} holds epoch {run.epoch}: resume with "
@@ -591,29 +705,44 @@ def run_epoch(run: Run, epoch: int) -> None:
     non-finite loss before anything of the epoch is saved."""
     cfg = run.cfg
     started = time.perf_counter()
-    progress = f"epoch {epoch}/{cfg.epochs}" if not cfg.quiet and sys.stderr.isatty() else None
-    train_loss, train_acc, bad_batch = train_epoch(
-        run.net, run.train_batches, run.optimization, run.precision, cfg.label_smoothing, progress
+    shown = not cfg.quiet and sys.stderr.isatty() and run.ranks.main
+    progress = f"epoch {epoch}/{cfg.epochs}" if shown else None
+    sums = train_epoch(
+        run.trained,
+        run.train_batches,
+        run.optimization,
+        run.precision,
+        cfg.label_smoothing,
+        progress,
     )
-    run.train_seconds += time.perf_counter() - started
+    bad = ddp.reduce(torch.where(sums[3:] > 0, sums[3:], math.inf), run.ranks, "min")
+    loss_sum, correct, seen = ddp.reduce(sums[:3].contiguous(), run.ranks).tolist()
+    train_loss, train_acc = loss_sum / seen, correct / seen
+    train_seconds = time.perf_counter() - started
+    run.train_seconds += train_seconds
     run.epochs_here += 1
-    val_loss, val_acc = score(run.net, run.val_batches, run.precision)
+    val_loss, val_acc = validate(run)
+    bad_batch = int(bad.item()) if math.isfinite(bad.item()) else None
     stop_if_diverged(run, epoch, bad_batch, (train_loss, val_loss))
     lr = run.optimization.lr
     run.optimization.end_epoch(val_loss)
     seconds = time.perf_counter() - started
     row = {"epoch": epoch, "train_loss": round(train_loss, 5), "train_acc": round(train_acc, 5)}
     row |= {"val_loss": round(val_loss, 5), "val_acc": round(val_acc, 5), "lr": lr}
-    row["seconds"] = round(seconds, 2)
+    row |= {"seconds": round(seconds, 2), "images_per_s": round(seen / train_seconds)}
     run.history.append(row)
     run.epoch = epoch
     save_checkpoints(run, row)
+    if not run.ranks.main:
+        return
     write_history(Path(cfg.out_dir) / "history.csv", run.history)
     print(
         f"epoch {epoch:>3}/{cfg.epochs}  train loss {train_loss:.4f} acc {train_acc:6.2%}  "
         f"val loss {val_loss:.4f} acc {val_acc:6.2%}  lr {lr:.2e}  {seconds:5.1f}s",
         flush=True,
     )
+    for watcher in run.watchers:
+        watcher.epoch(run, row)
 
 
 def stop_if_diverged(run: Run, epoch: int, bad_batch: int | None, losses: tuple) -> None:
@@ -653,11 +782,10 @@ def score_test(run: Run, net: nn.Module, test: dataset.CSVData) -> dict:
     return {"test_loss": loss, "test_acc": acc, "test_source": test.source}
 
 
-def calibrate(run: Run, net: nn.Module, best: dict, best_path: Path) -> dict:
-    """Fit the temperature of best.pt (`best`, its network `net`) on the validation split
-    (report.fit_temperature) and store it in best.pt, which predict.py then applies; the fit's
-    figures, before and after."""
-    logits = predict_logits(net, run.val_batches, run.precision).cpu().numpy()
+def calibrate(run: Run, logits: np.ndarray, best: dict, best_path: Path) -> dict:
+    """Fit the temperature of best.pt (`best`, whose validation logits are `logits`) on the
+    validation split (report.fit_temperature) and store it in best.pt, which predict.py then
+    applies; the fit's figures, before and after."""
     labels = run.val_batches.y.cpu().numpy()
     temperature = report.fit_temperature(logits, labels)
     model.save_checkpoint(best_path, {**best, "temperature": temperature})
@@ -689,7 +817,8 @@ def finish(run: Run, splits: Splits, started: float) -> dict:
     best_path = Path(cfg.model_dir) / "best.pt"
     best = model.load_checkpoint(best_path)
     net = run.precision.place(model.model_from_checkpoint(best), run.device)
-    fit = calibrate(run, net, best, best_path)
+    val_logits = predict_logits(net, run.val_batches, run.precision).cpu().numpy()
+    fit = calibrate(run, val_logits, best, best_path)
     images_per_s = len(splits.train) * run.epochs_here / max(run.train_seconds, 1e-9)
     summary = {
         "best_epoch": best["epoch"],
@@ -718,36 +847,63 @@ def finish(run: Run, splits: Splits, started: float) -> dict:
         f"accuracy {summary['best_val_acc']:.2%}) -> {Path(cfg.model_dir) / 'best.pt'}; "
         f"{summary['train_images_per_s']:,} training images/s"
     )
+    for watcher in run.watchers:
+        watcher.finish(run, summary, best["epoch"], val_logits)
     return summary
 
 
 # ---------------------------------------------------------------- entry points
 
 
-def train(given: dict, resume: dict | None = None) -> dict:
+def train(
+    given: dict, resume: dict | None = None, ranks: ddp.Ranks = ddp.SINGLE, watchers=()
+) -> dict:
     """One training run from the settings given, or the continuation of `resume`, a last.pt
-    whose settings `given` then holds in full. Returns the run's summary."""
+    whose settings `given` then holds in full; this process is rank `ranks` of it, and every
+    `watchers` item sees each epoch (.epoch) and the end (.finish). Returns the run's summary
+    (on rank 0; the others return {})."""
     started = time.perf_counter()
     draft = Config(**given)  # the recipe waits for the task
     for directory, flag in ((draft.model_dir, "--model-dir"), (draft.out_dir, "--out-dir")):
         ensure_writable(directory, flag)
-    device, precision = model.setup_device(draft.device, draft.precision)
+    name = ddp.device_name(draft.device, ranks, torch.cuda.is_available())
+    device, precision = model.setup_device(name, draft.precision)
+    ddp.start(ranks, device)
     splits = load_splits(draft)
     cfg = Config.for_task(given, splits.task)
-    run = build_run(cfg, splits, device, precision)
+    run = build_run(cfg, splits, device, precision, ranks)
     if resume is not None:
         restore_training_state(run, resume)
+    processes = f"; {ranks.world} processes (torchrun)" if ranks.world > 1 else ""
     print(
         f"training {cfg.arch} (--preset {cfg.preset}, {splits.task}) on {len(splits.train):,} "
         f"images ({len(splits.val):,} for validation) from {splits.parsed.source}; "
-        f"{device.type}, {precision.describe()}"
+        f"{device.type}, {precision.describe()}{processes}"
     )
-    if not cfg.no_plots and resume is None:
+    if ranks.main:
+        run.watchers.extend([*watchers, *board(run, resume)])
+    if not cfg.no_plots and resume is None and ranks.main:
         import plots
 
         plots.exploration_figures(splits.parsed, run.augment, Path(cfg.out_dir))
     fit(run)
-    return finish(run, splits, started)
+    return finish(run, splits, started) if ranks.main else {}
+
+
+def board(run: Run, resume: dict | None) -> list:
+    """The TensorBoard watcher --tensorboard asks for, in the folder of the run (a resumed run
+    continues its own), or none."""
+    if run.cfg.tensorboard is None:
+        return []
+    import tensorboard_log
+
+    name = (resume or {}).get("tensorboard_run") or tensorboard_log.run_name(
+        run.cfg.arch, run.cfg.seed
+    )
+    run.checkpoint_meta["tensorboard_run"] = name
+    log_dir = Path(run.cfg.tensorboard) / name
+    print(f"TensorBoard: {log_dir} (tensorboard --logdir {run.cfg.tensorboard})")
+    return [tensorboard_log.Board(log_dir, first_epoch=run.epoch + 1)]
 
 
 def member_dir(root: str | Path, seed: int) -> Path:
@@ -756,22 +912,82 @@ def member_dir(root: str | Path, seed: int) -> Path:
 
 
 def train_ensemble(given: dict) -> dict:
-    """`ensemble` runs, each with its own seed (split, init, order) and folders."""
+    """`ensemble` runs, each with its own seed (split, init, order) and folders: one after
+    another, or at once, one per GPU, on a machine with several (`member_devices`)."""
     settings = Config(**given)
     seeds = range(settings.seed, settings.seed + settings.ensemble)
-    members = []
-    for k, seed in enumerate(seeds, 1):
-        print(f"ensemble member {k}/{len(seeds)}: {member_dir(settings.model_dir, seed)}")
+    runs = []
+    for seed in seeds:
         member = {"seed": seed, "ensemble": 1}
         member["model_dir"] = str(member_dir(settings.model_dir, seed))
         member["out_dir"] = str(member_dir(settings.out_dir, seed))
-        members.append(train({**given, **member}))
-    checkpoints = " ".join(str(member_dir(settings.model_dir, s) / "best.pt") for s in seeds)
-    print(f"ensemble of {len(seeds)}; predict with: python predict.py --checkpoint {checkpoints}")
-    return {"members": members}
+        runs.append({**given, **member})
+    devices = member_devices(settings.device, len(runs), usable_gpus())
+    if devices:
+        print(f"ensemble of {len(runs)}: training {len(devices)} at once, on {', '.join(devices)}")
+        members = train_in_parallel(runs, devices)
+    else:
+        members = []
+        for k, run in enumerate(runs, 1):
+            print(f"ensemble member {k}/{len(runs)}: {run['model_dir']}")
+            members.append(train(run))
+    checkpoints = [str(Path(run["model_dir"]) / "best.pt") for run in runs]
+    print(
+        f"ensemble of {len(runs)}; predict with: python predict.py --checkpoint "
+        + " ".join(checkpoints)
+    )
+    return {"members": members, "checkpoints": checkpoints}
 
 
-def resume_run(given: dict) -> dict:
+def usable_gpus() -> int:
+    """How many GPUs this torch build can train on (0 without CUDA, or on a GPU it lacks
+    kernels for, as a P100 under Kaggle's torch)."""
+    if not torch.cuda.is_available() or model.cuda_unsupported_reason() is not None:
+        return 0
+    return torch.cuda.device_count()
+
+
+def member_devices(device: str | None, members: int, gpus: int) -> list[str]:
+    """The GPUs that train ensemble members at once, one member on each at a time: every GPU
+    (up to one per member) when there are several and --device is unset or `cuda`; else none,
+    and the members train one after another on --device."""
+    if device not in (None, "cuda") or gpus < 2 or members < 2:
+        return []
+    return [f"cuda:{index}" for index in range(min(gpus, members))]
+
+
+def train_in_parallel(runs: list[dict], devices: list[str]) -> list[dict]:
+    """Train `runs` in one worker process per device (each takes the next run when its last
+    ends); their summaries in the order of `runs`. The first failure cancels the runs not
+    started and is raised."""
+    context = multiprocessing.get_context("spawn")  # CUDA cannot be used in forked processes
+    free = context.Queue()
+    for device in devices:
+        free.put(device)
+    pool = ProcessPoolExecutor(
+        len(devices), mp_context=context, initializer=_take_device, initargs=(free,)
+    )
+    with pool:
+        futures = [pool.submit(_train_on_my_device, run) for run in runs]
+        try:
+            return [future.result() for future in futures]
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
+
+
+_worker_device: list[str] = []  # the device of this worker process of train_in_parallel
+
+
+def _take_device(free) -> None:
+    _worker_device.append(free.get())
+
+
+def _train_on_my_device(run: dict) -> dict:
+    return train({**run, "device": _worker_device[0], "quiet": True})
+
+
+def resume_run(given: dict, ranks: ddp.Ranks = ddp.SINGLE) -> dict:
     """Continue the run a last.pt saved, as Config.resumed says."""
     path = Path(given["resume"])
     last = model.load_checkpoint(path)
@@ -783,7 +999,7 @@ def resume_run(given: dict) -> dict:
     if last["epoch"] >= cfg.epochs:
         print(f"{path}: training already finished ({last['epoch']} epochs)")
         return {}
-    return train(asdict(cfg), resume=last)
+    return train(asdict(cfg), resume=last, ranks=ranks)
 
 
 def check_extension(cfg: Config, last: dict) -> None:
@@ -804,12 +1020,24 @@ def main(argv: list[str] | None = None) -> dict:
     given = parse_args(argv)
     check_flags(given)
     settings = Config(**given)
-    with model.deterministic_algorithms(settings.deterministic):
+    ranks = ddp.from_environment()
+    if ranks.world > 1 and settings.ensemble > 1:
+        raise UserError(
+            f"--ensemble {settings.ensemble} under torchrun: train the members with plain "
+            "python train.py --ensemble (one per GPU), or one model with torchrun"
+        )
+    with ExitStack() as stack:
+        stack.callback(ddp.stop, ranks)
+        if not ranks.main:  # only rank 0 prints (an error still ends the rank with its line)
+            devnull = stack.enter_context(open(os.devnull, "w"))
+            stack.enter_context(redirect_stdout(devnull))
+            stack.enter_context(redirect_stderr(devnull))
+        stack.enter_context(model.deterministic_algorithms(settings.deterministic))
         if settings.resume is not None:
-            return resume_run(given)
+            return resume_run(given, ranks)
         if settings.ensemble > 1:
             return train_ensemble(given)
-        return train(given)
+        return train(given, ranks=ranks)
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ def test_calibration_fits_a_temperature_that_lowers_the_validation_nll(learned):
 def test_the_history_has_a_row_per_epoch(learned):
     _, folder = learned
     history = (folder / "out" / "history.csv").read_text().splitlines()
-    assert history[0] == "epoch,train_loss,train_acc,val_loss,val_acc,lr,seconds"
+    assert history[0] == "epoch,train_loss,train_acc,val_loss,val_acc,lr,seconds,images_per_s"
     assert len(history) == 1 + 3
 
 
@@ -288,7 +288,7 @@ def test_best_pt_is_the_epoch_that_validates_best(row, other, better):
 
 def _history_without_timing(path) -> list[list[str]]:
     rows = [line.split(",") for line in path.read_text().splitlines()]
-    return [row[:-1] for row in rows]  # the last column is seconds
+    return [row[:-2] for row in rows]  # the last columns are timings: seconds, images/s
 
 
 def test_same_seed_gives_the_same_history(tmp_path):
