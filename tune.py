@@ -1,0 +1,311 @@
+"""Search the training recipe with Optuna, on the validation split only (never a test set).
+
+    python tune.py --trials 20                       # the found training CSV
+    python tune.py --trials 20 --storage postgresql://host/db   # workers on several machines
+
+Each trial trains `train.py` with a recipe drawn by the TPE sampler (learning rate, batch size,
+epochs, weight decay, label smoothing, augmentation strength, width) and reports the validation
+accuracy after every epoch; the median pruner stops trials that trail. The first trial of a new
+study is the default recipe. The study lives in an Optuna storage, SQLite by default: run the
+command again to resume a killed search, or start several workers on one storage. At the end it
+prints the best trial as a train.py command and writes Optuna's history and importance plots
+and tune.json into --out-dir.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import dataset
+import train
+from atomic import atomic_write, ensure_writable, write_json
+from cli import CLIParser, UserError, first_line, run_cli, working_root
+
+# The search space: flag -> how Optuna draws it.
+SPACE = {
+    "lr": ("float", 1e-3, 1e-2, True),
+    "batch_size": ("categorical", (64, 128, 256)),
+    "epochs": ("int", 6, 20, False),
+    "weight_decay": ("float", 1e-4, 0.1, True),
+    "label_smoothing": ("float", 0.0, 0.2, False),
+    "augment_strength": ("float", 0.0, 2.0, False),
+    "width": ("categorical", (16, 24, 32, 48)),
+}
+ARCH = "strong"  # the searched architecture, whose width the search sets
+HEARTBEAT_S = 30  # a trial whose worker is silent for twice this is marked failed
+FINISHED = ("COMPLETE", "PRUNED")
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """The search's settings; every trial trains on `train` with `val_split` and `seed`."""
+
+    trials: int = 20
+    train: str | None = None
+    max_rows: int | None = None
+    val_split: float = 0.1
+    seed: int = 0
+    study: str = "mnist-recipe"
+    storage: str | None = None
+    sampler_seed: int | None = None
+    max_epochs: int = 20
+    out_dir: str = field(default_factory=lambda: str(working_root() / "outputs" / "tune"))
+    device: str | None = None
+    precision: str = "auto"
+
+
+def parse_args(argv: list[str] | None) -> TuneConfig:
+    default = TuneConfig()
+    p = CLIParser(description="Search the training recipe with Optuna (validation split only).")
+    p.add_argument("--trials", type=int, default=default.trials, help="finished trials wanted")
+    p.add_argument("--train", default=None, help="training CSV; None: found")
+    p.add_argument("--max-rows", type=int, default=None, help="use the first N training rows")
+    p.add_argument("--val-split", type=float, default=default.val_split, help="validation share")
+    p.add_argument("--seed", type=int, default=default.seed, help="the trials' split and init")
+    p.add_argument("--study", default=default.study, help="study name inside the storage")
+    p.add_argument(
+        "--storage",
+        default=None,
+        help="Optuna storage: an RDB URL (sqlite:///..., postgresql://..., mysql://...) or a "
+        "SQLite file; None: OUT_DIR/study.db",
+    )
+    p.add_argument("--sampler-seed", type=int, default=None, help="TPE's seed; None: random")
+    p.add_argument(
+        "--max-epochs",
+        type=int,
+        default=default.max_epochs,
+        help="the most epochs a trial trains (bounds the search's cost)",
+    )
+    p.add_argument("--out-dir", default=default.out_dir, help="trials, plots, tune.json")
+    p.add_argument("--device", default=None, help="cpu, cuda or mps; None: the best available")
+    p.add_argument("--precision", default=default.precision, help="as train.py --precision")
+    cfg = TuneConfig(**vars(p.parse_args(argv)))
+    for name in ("trials", "max_epochs"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least 1")
+    return cfg
+
+
+def storage_url(cfg: TuneConfig) -> str:
+    """The storage's URL: as given, a file path as SQLite, or OUT_DIR/study.db."""
+    given = cfg.storage or str(Path(cfg.out_dir) / "study.db")
+    return given if "://" in given else f"sqlite:///{Path(given).resolve()}"
+
+
+def open_study(cfg: TuneConfig, task: str):
+    """The study in its storage (made if new, with the default recipe as its first trial)."""
+    import optuna
+
+    url = storage_url(cfg)
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    try:
+        with warnings.catch_warnings():  # the heartbeat is "experimental" since Optuna 2.9
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            storage = optuna.storages.RDBStorage(
+                url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S
+            )
+    except Exception as e:  # SQLAlchemy's errors for a bad URL, driver or server are many
+        raise UserError(f"--storage {url}: cannot open it ({first_line(e)})") from None
+    study = optuna.create_study(
+        storage=storage,
+        study_name=cfg.study,
+        direction="maximize",
+        sampler=optuna.samplers.TPESampler(seed=cfg.sampler_seed),
+        # no trial is pruned before 4 have finished, nor before its second epoch
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=2),
+        load_if_exists=True,
+    )
+    if not study.trials:
+        study.enqueue_trial(default_params(task, cfg.max_epochs), skip_if_exists=True)
+    return study
+
+
+def default_params(task: str, max_epochs: int) -> dict:
+    """train.py's default recipe for `task` in the search's terms (its epochs at most
+    `max_epochs`)."""
+    recipe, defaults = train.PRESETS["best"][task], train.Config()
+    width = {"strong": 32, "wide": 48}.get(recipe.arch, 32)
+    optimizer_decay = train.OPTIMIZERS[defaults.optimizer][1].get("weight_decay", 0.01)
+    return {
+        "lr": recipe.lr,
+        "batch_size": recipe.batch_size,
+        "epochs": min(recipe.epochs, max_epochs),
+        "weight_decay": optimizer_decay,
+        "label_smoothing": defaults.label_smoothing,
+        "augment_strength": defaults.augment_strength if recipe.augment else 0.0,
+        "width": width,
+    }
+
+
+def suggest(trial, max_epochs: int) -> dict:
+    """One recipe drawn from SPACE, its epochs at most `max_epochs`."""
+    drawn = {}
+    for name, (kind, *bounds) in SPACE.items():
+        if kind == "categorical":
+            drawn[name] = trial.suggest_categorical(name, bounds[0])
+        elif kind == "int":
+            high = min(bounds[1], max_epochs)
+            drawn[name] = trial.suggest_int(name, min(bounds[0], high), high, log=bounds[2])
+        else:
+            drawn[name] = trial.suggest_float(name, bounds[0], bounds[1], log=bounds[2])
+    return drawn
+
+
+class Reporter:
+    """A train.Run watcher that reports each epoch's validation accuracy to the trial and
+    stops the trial when the pruner says so."""
+
+    def __init__(self, trial) -> None:
+        self.trial = trial
+
+    def epoch(self, run, row: dict) -> None:
+        import optuna
+
+        self.trial.report(row["val_acc"], row["epoch"])
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(
+                f"validation accuracy {row['val_acc']:.2%} at epoch {row['epoch']}"
+            )
+
+    def finish(self, run, summary: dict, best_epoch: int, val_logits) -> None:
+        """Nothing to add at the end: the objective returns the summary's figure."""
+
+
+def recipe_flags(params: dict) -> dict:
+    """train.py's settings for a trial's parameters."""
+    return {"arch": ARCH, "augment": params["augment_strength"] > 0, **params}
+
+
+def objective(cfg: TuneConfig, train_csv: str, trial) -> float:
+    """Train the trial's recipe; its kept epoch's validation accuracy (the loss recorded too)."""
+    folder = Path(cfg.out_dir) / "trials" / f"trial-{trial.number}"
+    given = {
+        "train": train_csv,  # given, so no test CSV is looked for: the search never sees one
+        "max_rows": cfg.max_rows,
+        "val_split": cfg.val_split,
+        "seed": cfg.seed,
+        "device": cfg.device,
+        "precision": cfg.precision,
+        "model_dir": str(folder / "models"),
+        "out_dir": str(folder / "out"),
+        "no_plots": True,
+        "quiet": True,
+        **recipe_flags(suggest(trial, cfg.max_epochs)),
+    }
+    print(f"trial {trial.number}: python train.py {command_flags(recipe_flags(trial.params))}")
+    summary = train.train(given, watchers=[Reporter(trial)])
+    trial.set_user_attr("val_loss", summary["calibration"]["val_nll_before"])
+    trial.set_user_attr("best_epoch", summary["best_epoch"])
+    return summary["best_val_acc"]
+
+
+def command_flags(flags: dict) -> str:
+    """train.py flags for settings: --name value, and --augment/--no-augment."""
+    parts = []
+    for name, value in flags.items():
+        flag = f"--{name.replace('_', '-')}"
+        if isinstance(value, bool):
+            parts.append(flag if value else f"--no-{name}")
+        else:
+            parts.append(f"{flag} {value:.4g}" if isinstance(value, float) else f"{flag} {value}")
+    return " ".join(parts)
+
+
+def best_trial(study):
+    """The finished trial with the highest validation accuracy, the lowest validation loss
+    among equals; None before any finished."""
+    import optuna
+
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not done:
+        return None
+    return max(done, key=lambda t: (t.value, -t.user_attrs.get("val_loss", float("inf"))))
+
+
+def search(cfg: TuneConfig) -> dict:
+    """Run trials until the study holds `trials` finished ones; report the best."""
+    import optuna
+
+    ensure_writable(cfg.out_dir, "--out-dir")
+    train_csv = cfg.train or dataset.find_data("train")
+    task = dataset.task_of(dataset.load_csv(train_csv).class_names)
+    study = open_study(cfg, task)
+    states = tuple(getattr(optuna.trial.TrialState, name) for name in FINISHED)
+    done = sum(t.state in states for t in study.trials)
+    print(f"study {cfg.study} in {storage_url(cfg)}: {done} of {cfg.trials} trials finished")
+    if done < cfg.trials:
+        study.optimize(
+            lambda trial: objective(cfg, train_csv, trial),
+            callbacks=[optuna.study.MaxTrialsCallback(cfg.trials, states=states)],
+            gc_after_trial=True,
+        )
+    return report(cfg, study, train_csv)
+
+
+def report(cfg: TuneConfig, study, train_csv: str) -> dict:
+    """Print the best trial as a train.py command; write tune.json and the plots."""
+    best = best_trial(study)
+    if best is None:
+        raise UserError(f"study {cfg.study}: no trial completed (every one was pruned or failed)")
+    counts = {}
+    for t in study.trials:
+        counts[t.state.name.lower()] = counts.get(t.state.name.lower(), 0) + 1
+    command = f"python train.py --train {train_csv} {command_flags(recipe_flags(best.params))}"
+    summary = {
+        "study": cfg.study,
+        "storage": storage_url(cfg),
+        "trials": counts,
+        "best": {
+            "trial": best.number,
+            "val_acc": best.value,
+            "val_loss": best.user_attrs.get("val_loss"),
+            "params": best.params,
+        },
+        "command": command,
+        "config": asdict(cfg),
+    }
+    summary["plots"] = [str(p) for p in draw(study, Path(cfg.out_dir))]
+    write_json(Path(cfg.out_dir) / "tune.json", summary)
+    print(
+        f"best: trial {best.number}, validation accuracy {best.value:.2%} (loss "
+        f"{summary['best']['val_loss']:.4f}); trials: "
+        + ", ".join(f"{n} {state}" for state, n in counts.items())
+    )
+    print(f"train it with: {command}")
+    return summary
+
+
+def draw(study, out_dir: Path) -> list[Path]:
+    """Optuna's optimization history and parameter importances as PNGs (the importances need
+    two completed trials)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+    from optuna.visualization import matplotlib as optuna_plots
+
+    figures = {"optimization_history.png": optuna_plots.plot_optimization_history}
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if len(complete) >= 2:
+        figures["param_importances.png"] = optuna_plots.plot_param_importances
+    written = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        for name, plot in figures.items():
+            axes = plot(study)
+            with atomic_write(out_dir / name) as f:
+                axes.figure.savefig(f, format="png", dpi=120, bbox_inches="tight")
+            plt.close(axes.figure)
+            written.append(out_dir / name)
+    return written
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return search(parse_args(argv))
+
+
+if __name__ == "__main__":
+    run_cli(main)
