@@ -939,6 +939,12 @@ def train_ensemble(given: dict) -> dict:
     return {"members": members, "checkpoints": checkpoints}
 
 
+def kernel_args(args: list[str], gpus: int) -> list[str]:
+    """The notebook's train.py flags: `args`, or, when none are given on a machine with several
+    usable GPUs (Kaggle's T4 x2), an ensemble of one member per GPU, trained at once."""
+    return ["--ensemble", str(gpus)] if not args and gpus > 1 else list(args)
+
+
 def usable_gpus() -> int:
     """How many GPUs this torch build can train on (0 without CUDA, or on a GPU it lacks
     kernels for, as a P100 under Kaggle's torch)."""

@@ -40,7 +40,8 @@ not the cells below."""
 
 PARAMETERS = """\
 # Flags for train.py and predict.py; [] is the best recipe for the data (digits: the strong CNN,
-# 15 epochs) on the best device. For example: TRAIN_ARGS = ["--preset", "fast"] or
+# 15 epochs) on the best device, and on Kaggle's two T4s an ensemble of two trained at once, one
+# model per GPU. For example: TRAIN_ARGS = ["--preset", "fast"] or
 # ["--epochs", "20", "--arch", "basic"]; PREDICT_ARGS = ["--tta"]
 TRAIN_ARGS = []
 PREDICT_ARGS = []"""
@@ -79,13 +80,14 @@ show(OUT / "sample_images.png", OUT / "class_distribution.png", OUT / "augmented
 TRAIN = """\
 import train
 
-summary = train.main(TRAIN_ARGS)
-show(OUT / "training_curves.png")"""
+summary = train.main(train.kernel_args(TRAIN_ARGS, train.usable_gpus()))
+CHECKPOINTS = summary.get("checkpoints", [])  # an ensemble's members
+show(OUT / "training_curves.png", *sorted(OUT.glob("seed*/training_curves.png")))"""
 
 PREDICT = """\
 import predict
 
-result = predict.main(PREDICT_ARGS)
+result = predict.main(PREDICT_ARGS + (["--checkpoint", *CHECKPOINTS] if CHECKPOINTS else []))
 REPORT = OUT / "report"
 FIGURES = ("confusion_matrix", "per_class_errors", "sample_predictions", "confident_mistakes")
 FIGURES += ("reliability", "accuracy_coverage")
@@ -133,7 +135,11 @@ def build() -> dict:
         *modules,
         markdown("## Explore the data"),
         code(EXPLORE),
-        markdown("## Train\n\nOne line per epoch; the best epoch by validation accuracy is kept."),
+        markdown(
+            "## Train\n\nOne line per epoch; the epoch with the lowest validation loss is kept. "
+            "On two GPUs with no `TRAIN_ARGS`, two models train at once, one per GPU, and "
+            "predict averages them."
+        ),
         code(TRAIN),
         markdown("## Evaluate and predict"),
         code(PREDICT),

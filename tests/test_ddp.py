@@ -209,3 +209,16 @@ def test_two_gpus_train_the_members_at_once(monkeypatch, tmp_path):
     ]
     for checkpoint in summary["checkpoints"]:
         model.load_checkpoint(checkpoint)
+
+
+@pytest.mark.parametrize(
+    ("args", "gpus", "expected"),
+    [
+        ([], 2, ["--ensemble", "2"]),  # Kaggle's T4 x2: both GPUs busy
+        ([], 1, []),
+        ([], 0, []),
+        (["--epochs", "3"], 2, ["--epochs", "3"]),  # what the user asked for, as it is
+    ],
+)
+def test_the_notebook_trains_one_member_per_gpu_unless_told_otherwise(args, gpus, expected):
+    assert train.kernel_args(args, gpus) == expected
