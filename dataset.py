@@ -261,9 +261,12 @@ def _parse_chunk_fast(chunk: np.ndarray, ncols: int, labelled: bool) -> np.ndarr
     return values.astype(np.uint8)
 
 
+ASCII_SPACE = " \t\n\r\v\f"
+
+
 def _cell_problem(cell: str, is_label: bool) -> str | None:
     """What is wrong with one cell, or None."""
-    text = cell.strip()
+    text = cell.strip(ASCII_SPACE)  # float() strips these, but not Unicode's (as \x1c)
     if not text:
         return "empty cell"
     if not _NUMBER.fullmatch(text):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 from conftest import csv_text, make_table
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import dataset
@@ -62,6 +62,7 @@ def damaged(data: bytes, changes) -> bytes:
 
 @CASES
 @given(edits)
+@example([("replace", 5356, b"\x1c")])  # Unicode whitespace that float() does not strip
 def test_damage_reads_as_a_csv_of_digits_or_one_short_printable_error(changes):
     assert_well_formed(read(damaged(VALID, changes)))
 
