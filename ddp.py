@@ -64,7 +64,9 @@ def start(ranks: Ranks, device: torch.device) -> None:
 
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
 
 
 def stop(ranks: Ranks) -> None:

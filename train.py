@@ -459,7 +459,7 @@ class Run:
     val_shard: dataset.DeviceBatches  # this rank's share of it, validated every epoch
     optimization: Optimization
     checkpoint_meta: dict  # what every checkpoint holds besides weights and progress
-    watchers: list = field(default_factory=list)  # each .epoch(run, row) after every epoch
+    watchers: list = field(default_factory=list)  # told of each epoch (.epoch) and the end
     history: list[dict] = field(default_factory=list)
     best_val_acc: float = -1.0
     epoch: int = 0  # the last finished epoch
