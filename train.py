@@ -990,7 +990,25 @@ def _take_device(free) -> None:
 
 
 def _train_on_my_device(run: dict) -> dict:
-    return train({**run, "device": _worker_device[0], "quiet": True})
+    with redirect_stdout(LinePrefix(sys.stdout, f"[seed {run['seed']}] ")):
+        return train({**run, "device": _worker_device[0], "quiet": True})
+
+
+class LinePrefix(io.TextIOBase):
+    """A text stream that writes into `stream` with `prefix` before every line: which ensemble
+    member said what, when several train at once."""
+
+    def __init__(self, stream, prefix: str) -> None:
+        self.stream, self.prefix, self.line_start = stream, prefix, True
+
+    def write(self, text: str) -> int:
+        for piece in text.splitlines(keepends=True):
+            self.stream.write(self.prefix + piece if self.line_start else piece)
+            self.line_start = piece.endswith("\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
 
 
 def resume_run(given: dict, ranks: ddp.Ranks = ddp.SINGLE) -> dict:

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import dataset
+import model
 import train
 from atomic import atomic_write, ensure_writable, write_json
 from cli import CLIParser, UserError, first_line, run_cli, working_root
@@ -51,9 +52,10 @@ class TuneConfig:
     storage: str | None = None
     sampler_seed: int | None = None
     max_epochs: int = 20
+    warmup_epochs: int = 5
     out_dir: str = field(default_factory=lambda: str(working_root() / "outputs" / "tune"))
     device: str | None = None
-    precision: str = "auto"
+    precision: str = field(default_factory=model.default_precision)
 
 
 def parse_args(argv: list[str] | None) -> TuneConfig:
@@ -78,11 +80,17 @@ def parse_args(argv: list[str] | None) -> TuneConfig:
         default=default.max_epochs,
         help="the most epochs a trial trains (bounds the search's cost)",
     )
+    p.add_argument(
+        "--warmup-epochs",
+        type=int,
+        default=default.warmup_epochs,
+        help="no trial is pruned before this epoch (a one-cycle schedule warms up for 30%% of "
+        "its epochs, and a longer one trails a shorter one until then)",
+    )
     p.add_argument("--out-dir", default=default.out_dir, help="trials, plots, tune.json")
-    p.add_argument("--device", default=None, help="cpu, cuda or mps; None: the best available")
-    p.add_argument("--precision", default=default.precision, help="as train.py --precision")
+    model.add_device_arguments(p, default.device, default.precision)
     cfg = TuneConfig(**vars(p.parse_args(argv)))
-    for name in ("trials", "max_epochs"):
+    for name in ("trials", "max_epochs", "warmup_epochs"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least 1")
     return cfg
@@ -113,8 +121,8 @@ def open_study(cfg: TuneConfig, task: str):
         study_name=cfg.study,
         direction="maximize",
         sampler=optuna.samplers.TPESampler(seed=cfg.sampler_seed),
-        # no trial is pruned before 4 have finished, nor before its second epoch
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=2),
+        # no trial is pruned before 4 have finished, nor before its warm-up epoch
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=cfg.warmup_epochs),
         load_if_exists=True,
     )
     if not study.trials:
@@ -126,7 +134,7 @@ def default_params(task: str, max_epochs: int) -> dict:
     """train.py's default recipe for `task` in the search's terms (its epochs at most
     `max_epochs`)."""
     recipe, defaults = train.PRESETS["best"][task], train.Config()
-    width = {"strong": 32, "wide": 48}.get(recipe.arch, 32)
+    width = {"strong": 32, "wide": 48}.get(recipe.arch, 32)  # model.strong's and model.wide's
     optimizer_decay = train.OPTIMIZERS[defaults.optimizer][1].get("weight_decay", 0.01)
     return {
         "lr": recipe.lr,

@@ -185,7 +185,7 @@ def test_usable_gpus_counts_the_gpus_torch_can_run(monkeypatch):
     assert train.usable_gpus() == 0
 
 
-def test_two_gpus_train_the_members_at_once(monkeypatch, tmp_path):
+def test_two_gpus_train_the_members_at_once(monkeypatch, tmp_path, capfd):
     """With two GPUs faked, --ensemble 3 goes to train_in_parallel with both (stood in for by
     CPU worker processes), and the members come back in seed order."""
     monkeypatch.setattr(train, "usable_gpus", lambda: 2)
@@ -209,6 +209,9 @@ def test_two_gpus_train_the_members_at_once(monkeypatch, tmp_path):
     ]
     for checkpoint in summary["checkpoints"]:
         model.load_checkpoint(checkpoint)
+    out = capfd.readouterr().out
+    for seed in range(3):  # each member's lines say whose they are
+        assert f"[seed {seed}] epoch   1/1" in out
 
 
 @pytest.mark.parametrize(

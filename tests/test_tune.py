@@ -46,7 +46,7 @@ def test_a_tiny_search_prunes_a_trailing_trial_and_reports_the_best(tmp_path, mo
     good = {"lr": 3e-3, "batch_size": 64, "epochs": 4, "weight_decay": 0.01}
     good |= {"label_smoothing": 0.1, "augment_strength": 0.0, "width": 16}
     monkeypatch.setattr(tune, "default_params", lambda task, max_epochs: good)
-    args = tune_args(tmp_path, "--trials", "5", "--max-epochs", "4")
+    args = tune_args(tmp_path, "--trials", "5", "--max-epochs", "4", "--warmup-epochs", "2")
     study = tune.open_study(tune.parse_args(args), "digits")
     for _ in range(3):
         study.enqueue_trial(good)
@@ -109,7 +109,7 @@ def test_storage_is_an_rdb_url_or_a_sqlite_file(tmp_path):
     assert tune.storage_url(tune.parse_args(["--storage", url])) == url
 
 
-@pytest.mark.parametrize("flag", ["--trials", "--max-epochs"])
+@pytest.mark.parametrize("flag", ["--trials", "--max-epochs", "--warmup-epochs"])
 def test_bad_counts_are_refused(flag):
     with pytest.raises(tune.UserError, match=f"{flag} 0: must be at least 1"):
         tune.parse_args([flag, "0"])
