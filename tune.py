@@ -14,6 +14,7 @@ and tune.json into --out-dir.
 
 from __future__ import annotations
 
+import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ SPACE = {
 ARCH = "strong"  # the searched architecture, whose width the search sets
 HEARTBEAT_S = 30  # a trial whose worker is silent for twice this is marked failed
 FINISHED = ("COMPLETE", "PRUNED")
+PROGRESS_STEPS = 10  # the pruner compares trials at tenths of their schedules
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,7 @@ class TuneConfig:
     storage: str | None = None
     sampler_seed: int | None = None
     max_epochs: int = 20
-    warmup_epochs: int = 5
+    warmup: float = 0.5
     out_dir: str = field(default_factory=lambda: str(working_root() / "outputs" / "tune"))
     device: str | None = None
     precision: str = field(default_factory=model.default_precision)
@@ -81,18 +83,20 @@ def parse_args(argv: list[str] | None) -> TuneConfig:
         help="the most epochs a trial trains (bounds the search's cost)",
     )
     p.add_argument(
-        "--warmup-epochs",
-        type=int,
-        default=default.warmup_epochs,
-        help="no trial is pruned before this epoch (a one-cycle schedule warms up for 30%% of "
-        "its epochs, and a longer one trails a shorter one until then)",
+        "--warmup",
+        type=float,
+        default=default.warmup,
+        help="no trial is pruned before this share of its epochs (its one-cycle schedule "
+        "peaks at 0.3)",
     )
     p.add_argument("--out-dir", default=default.out_dir, help="trials, plots, tune.json")
     model.add_device_arguments(p, default.device, default.precision)
     cfg = TuneConfig(**vars(p.parse_args(argv)))
-    for name in ("trials", "max_epochs", "warmup_epochs"):
+    for name in ("trials", "max_epochs"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least 1")
+    if not 0 <= cfg.warmup <= 1:
+        raise UserError(f"--warmup {cfg.warmup}: must be a share of the epochs, in [0, 1]")
     return cfg
 
 
@@ -106,28 +110,44 @@ def open_study(cfg: TuneConfig, task: str):
     """The study in its storage (made if new, with the default recipe as its first trial)."""
     import optuna
 
-    url = storage_url(cfg)
-    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    try:
-        with warnings.catch_warnings():  # the heartbeat is "experimental" since Optuna 2.9
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            storage = optuna.storages.RDBStorage(
-                url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S
-            )
-    except Exception as e:  # SQLAlchemy's errors for a bad URL, driver or server are many
-        raise UserError(f"--storage {url}: cannot open it ({first_line(e)})") from None
+    storage = open_storage(storage_url(cfg))
     study = optuna.create_study(
         storage=storage,
         study_name=cfg.study,
         direction="maximize",
         sampler=optuna.samplers.TPESampler(seed=cfg.sampler_seed),
-        # no trial is pruned before 4 have finished, nor before its warm-up epoch
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=cfg.warmup_epochs),
+        # no trial is pruned before 4 have finished, nor before --warmup of its schedule
+        pruner=optuna.pruners.MedianPruner(
+            n_startup_trials=4, n_warmup_steps=round(cfg.warmup * PROGRESS_STEPS)
+        ),
         load_if_exists=True,
     )
     if not study.trials:
         study.enqueue_trial(default_params(task, cfg.max_epochs), skip_if_exists=True)
     return study
+
+
+def open_storage(url: str, attempts: int = 5):
+    """Optuna's storage at `url`. Workers that start together race to make its tables: the
+    loser's error is retried, after a pause, a few times."""
+    import optuna
+    import sqlalchemy.exc
+
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    for attempt in range(attempts):
+        try:
+            with warnings.catch_warnings():  # the heartbeat is "experimental" since Optuna 2.9
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S
+                )
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError) as e:
+            error = e
+            time.sleep(0.5 * (attempt + 1))
+        except Exception as e:  # SQLAlchemy's errors for a bad URL or driver are many
+            error = e
+            break
+    raise UserError(f"--storage {url}: cannot open it ({first_line(error)})")
 
 
 def default_params(task: str, max_epochs: int) -> dict:
@@ -161,20 +181,33 @@ def suggest(trial, max_epochs: int) -> dict:
     return drawn
 
 
+def progress_step(epoch: int, epochs: int) -> int:
+    """Where an epoch ends in its run's schedule, in tenths: trials of different lengths are
+    compared at the same point of their learning-rate schedules, not at the same epoch (at
+    epoch 5 a 6-epoch run has annealed and a 20-epoch one is at its peak rate)."""
+    return PROGRESS_STEPS * epoch // epochs
+
+
 class Reporter:
-    """A train.Run watcher that reports each epoch's validation accuracy to the trial and
-    stops the trial when the pruner says so."""
+    """A train.Run watcher that reports the validation accuracy after each epoch to the trial,
+    at its progress step (the first epoch to reach a step reports it), and stops the trial when
+    the pruner says so."""
 
     def __init__(self, trial) -> None:
-        self.trial = trial
+        self.trial, self.reported = trial, set()
 
     def epoch(self, run, row: dict) -> None:
         import optuna
 
-        self.trial.report(row["val_acc"], row["epoch"])
+        step = progress_step(row["epoch"], run.cfg.epochs)
+        if step in self.reported:
+            return
+        self.reported.add(step)
+        self.trial.report(row["val_acc"], step)
         if self.trial.should_prune():
             raise optuna.TrialPruned(
-                f"validation accuracy {row['val_acc']:.2%} at epoch {row['epoch']}"
+                f"validation accuracy {row['val_acc']:.2%} at epoch {row['epoch']} of "
+                f"{run.cfg.epochs}"
             )
 
     def finish(self, run, summary: dict, best_epoch: int, val_logits) -> None:

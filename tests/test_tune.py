@@ -46,7 +46,7 @@ def test_a_tiny_search_prunes_a_trailing_trial_and_reports_the_best(tmp_path, mo
     good = {"lr": 3e-3, "batch_size": 64, "epochs": 4, "weight_decay": 0.01}
     good |= {"label_smoothing": 0.1, "augment_strength": 0.0, "width": 16}
     monkeypatch.setattr(tune, "default_params", lambda task, max_epochs: good)
-    args = tune_args(tmp_path, "--trials", "5", "--max-epochs", "4", "--warmup-epochs", "2")
+    args = tune_args(tmp_path, "--trials", "5", "--max-epochs", "4", "--warmup", "0.3")
     study = tune.open_study(tune.parse_args(args), "digits")
     for _ in range(3):
         study.enqueue_trial(good)
@@ -109,10 +109,24 @@ def test_storage_is_an_rdb_url_or_a_sqlite_file(tmp_path):
     assert tune.storage_url(tune.parse_args(["--storage", url])) == url
 
 
-@pytest.mark.parametrize("flag", ["--trials", "--max-epochs", "--warmup-epochs"])
+@pytest.mark.parametrize("flag", ["--trials", "--max-epochs"])
 def test_bad_counts_are_refused(flag):
     with pytest.raises(tune.UserError, match=f"{flag} 0: must be at least 1"):
         tune.parse_args([flag, "0"])
+    with pytest.raises(tune.UserError, match=r"--warmup 1.5: must be a share"):
+        tune.parse_args(["--warmup", "1.5"])
+
+
+@pytest.mark.parametrize(
+    ("epochs", "steps"),
+    [
+        (4, [2, 5, 7, 10]),
+        (6, [1, 3, 5, 6, 8, 10]),
+        (15, [0, 1, 2, 2, 3, 4, 4, 5, 6, 6, 7, 8, 8, 9, 10]),
+    ],
+)
+def test_trials_are_compared_at_the_same_share_of_their_schedules(epochs, steps):
+    assert [tune.progress_step(e, epochs) for e in range(1, epochs + 1)] == steps
 
 
 def test_an_unreachable_storage_is_one_line(tmp_path):
