@@ -200,7 +200,7 @@ class Reporter:
         import optuna
 
         step = progress_step(row["epoch"], run.cfg.epochs)
-        if step in self.reported:
+        if step in self.reported or row["epoch"] == run.cfg.epochs:  # the last: nothing to save
             return
         self.reported.add(step)
         self.trial.report(row["val_acc"], step)
