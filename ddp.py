@@ -69,6 +69,15 @@ def start(ranks: Ranks, device: torch.device) -> None:
         dist.init_process_group("gloo")
 
 
+def wait_for_all(ranks: Ranks) -> None:
+    """Return when every rank has come here: the ranks of a finished run leave together (a rank
+    that tears gloo down while rank 0 still writes its results can abort at exit)."""
+    if ranks.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
 def stop(ranks: Ranks) -> None:
     """Leave the process group, if this process joined one."""
     import torch.distributed as dist

@@ -887,7 +887,9 @@ def train(
 
         plots.exploration_figures(splits.parsed, run.augment, Path(cfg.out_dir))
     fit(run)
-    return finish(run, splits, started) if ranks.main else {}
+    summary = finish(run, splits, started) if ranks.main else {}
+    ddp.wait_for_all(ranks)
+    return summary
 
 
 def board(run: Run, resume: dict | None) -> list:
