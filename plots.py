@@ -1,7 +1,7 @@
 """Every figure of the project: matplotlib with the Agg backend, seaborn for heatmaps.
 
-Each public function draws one figure (or, for `exploration_figures` and `evaluation_figures`,
-a set), writes it atomically as PNG and returns its path.
+Each public function draws one figure (or, for `exploration_figures`, `evaluation_figures` and
+`search_figures`, a set), writes it atomically as PNG and returns its path.
 """
 
 from __future__ import annotations
@@ -411,3 +411,20 @@ def model_figures(models: list[dict], out_dir: Path) -> list[Path]:
         for k, m in enumerate(models, 1)
         if m["history"]
     ]
+
+
+def search_figures(study, out_dir: Path) -> list[Path]:
+    """Optuna's plots of a tune.py study: the optimization history, and the parameter
+    importances once two trials have completed."""
+    import warnings
+
+    import optuna
+    from optuna.visualization import matplotlib as optuna_plots
+
+    figures = {"optimization_history.png": optuna_plots.plot_optimization_history}
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if len(complete) >= 2:
+        figures["param_importances.png"] = optuna_plots.plot_param_importances
+    with warnings.catch_warnings():  # Optuna calls its matplotlib plots experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return [_save(plot(study).figure, out_dir / name) for name, plot in figures.items()]

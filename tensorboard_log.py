@@ -48,8 +48,7 @@ class Board:
     def __init__(self, log_dir: Path, first_epoch: int = 1) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.log_dir = Path(log_dir)
-        self.writer = SummaryWriter(str(self.log_dir), purge_step=first_epoch)
+        self.writer = SummaryWriter(str(log_dir), purge_step=first_epoch)
 
     def epoch(self, run, row: dict) -> None:
         """One epoch's history row as scalars at step `epoch`."""

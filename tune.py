@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import dataset
 import model
 import train
-from atomic import atomic_write, ensure_writable, write_json
+from atomic import ensure_writable, write_json
 from cli import CLIParser, UserError, first_line, run_cli, working_root
 
 # The search space: flag -> how Optuna draws it.
@@ -290,9 +291,7 @@ def report(cfg: TuneConfig, study, train_csv: str) -> dict:
     best = best_trial(study)
     if best is None:
         raise UserError(f"study {cfg.study}: no trial completed (every one was pruned or failed)")
-    counts = {}
-    for t in study.trials:
-        counts[t.state.name.lower()] = counts.get(t.state.name.lower(), 0) + 1
+    counts = dict(Counter(t.state.name.lower() for t in study.trials))
     command = f"python train.py --train {train_csv} {command_flags(recipe_flags(best.params))}"
     summary = {
         "study": cfg.study,
@@ -307,7 +306,9 @@ def report(cfg: TuneConfig, study, train_csv: str) -> dict:
         "command": command,
         "config": asdict(cfg),
     }
-    summary["plots"] = [str(p) for p in draw(study, Path(cfg.out_dir))]
+    import plots
+
+    summary["plots"] = [str(p) for p in plots.search_figures(study, Path(cfg.out_dir))]
     write_json(Path(cfg.out_dir) / "tune.json", summary)
     print(
         f"best: trial {best.number}, validation accuracy {best.value:.2%} (loss "
@@ -316,32 +317,6 @@ def report(cfg: TuneConfig, study, train_csv: str) -> dict:
     )
     print(f"train it with: {command}")
     return summary
-
-
-def draw(study, out_dir: Path) -> list[Path]:
-    """Optuna's optimization history and parameter importances as PNGs (the importances need
-    two completed trials)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import optuna
-    from optuna.visualization import matplotlib as optuna_plots
-
-    figures = {"optimization_history.png": optuna_plots.plot_optimization_history}
-    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    if len(complete) >= 2:
-        figures["param_importances.png"] = optuna_plots.plot_param_importances
-    written = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        for name, plot in figures.items():
-            axes = plot(study)
-            with atomic_write(out_dir / name) as f:
-                axes.figure.savefig(f, format="png", dpi=120, bbox_inches="tight")
-            plt.close(axes.figure)
-            written.append(out_dir / name)
-    return written
 
 
 def main(argv: list[str] | None = None) -> dict:
