@@ -16,6 +16,7 @@ import io
 import math
 import os
 import re
+import shutil
 import sys
 import zipfile
 import zlib
@@ -40,7 +41,9 @@ DATA_DIR = ROOT / "data"
 SAMPLE_DIR = DATA_DIR / "sample"
 KAGGLE_DATASET = "oddrationale/mnist-in-csv"
 KAGGLE_ZIP = "mnist-in-csv.zip"
-MANUAL_DOWNLOAD = f"kaggle datasets download -d {KAGGLE_DATASET} -p data --unzip"
+KAGGLE_COMPETITION = "digit-recognizer"  # its train.csv / test.csv; submissions of 28,000 rows
+COMPETITION_ZIP = f"{KAGGLE_COMPETITION}.zip"
+COMPETITION_URL = "https://www.kaggle.com/competitions/{}/rules"
 
 SIDE = 28
 PIXELS = SIDE * SIDE
@@ -180,7 +183,7 @@ def read_source_bytes(source: str | Path) -> tuple[bytes, str]:
     path, member = split_member(source)
     where = str(path)
     if not path.exists():
-        raise UserError(f"{where}: no such file (check the path, or run: {MANUAL_DOWNLOAD})")
+        raise UserError(f"{where}: no such file (check the path, or run: {manual_download()})")
     if not path.is_file():
         raise UserError(f"{where}: is a directory or device, not a file (give a CSV file)")
     try:
@@ -497,6 +500,18 @@ def _find_under(root: Path, name: str, depth: int = 4) -> Path | None:
     return None
 
 
+def data_dir_candidates(split: str) -> list[str]:
+    """Where in data/ a `split` CSV may lie, best first: MNIST in CSV as a file, gzipped or in
+    Kaggle's zip, then Digit Recognizer's train.csv / test.csv, unzipped or in their zip."""
+    mnist = [str(DATA_DIR / f"mnist_{split}.csv"), str(DATA_DIR / f"mnist_{split}.csv.gz")]
+    return [
+        *mnist,
+        f"{DATA_DIR / KAGGLE_ZIP}::mnist_{split}.csv",
+        str(DATA_DIR / f"{split}.csv"),
+        f"{DATA_DIR / COMPETITION_ZIP}::{split}.csv",
+    ]
+
+
 def find_data(split: str, announce: bool = True) -> str:
     """The CSV for `split` ('train' or 'test'): Kaggle input, then data/, then the sample."""
     names = (f"mnist_{split}.csv", f"mnist_{split}.csv.gz")
@@ -506,16 +521,14 @@ def find_data(split: str, announce: bool = True) -> str:
             found = _find_under(kaggle_root, name)
             if found:
                 return str(found)
-    for name in names:
-        if (DATA_DIR / name).is_file():
-            return str(DATA_DIR / name)
-    if (DATA_DIR / KAGGLE_ZIP).is_file():
-        return f"{DATA_DIR / KAGGLE_ZIP}::mnist_{split}.csv"
+    for candidate in data_dir_candidates(split):
+        if split_member(candidate)[0].is_file():
+            return candidate
     sample = SAMPLE_DIR / f"mnist_{split}.csv.gz"
     if not sample.is_file():  # a copy of the code without the sample, as in a Kaggle kernel
         raise UserError(
             f"no {split} CSV found in {kaggle_root} or {DATA_DIR} (attach the dataset "
-            f"{KAGGLE_DATASET} to the kernel, or download it: {MANUAL_DOWNLOAD})"
+            f"{KAGGLE_DATASET} to the kernel, or download it: {manual_download()})"
         )
     if announce:
         print(
@@ -526,7 +539,16 @@ def find_data(split: str, announce: bool = True) -> str:
     return str(sample)
 
 
-def _kaggle_api():
+def manual_download(dest: Path = DATA_DIR, competition: str | None = None) -> str:
+    """The kaggle command that downloads by hand what `download` fetches into `dest`."""
+    where = os.path.relpath(dest) if dest.is_relative_to(Path.cwd()) else dest
+    if competition:
+        unzip = f"unzip {Path(where, competition)}.zip -d {where}"
+        return f"kaggle competitions download -c {competition} -p {where} && {unzip}"
+    return f"kaggle datasets download -d {KAGGLE_DATASET} -p {where} --unzip"
+
+
+def _kaggle_api(manual: str):
     """The authenticated kaggle client. Without credentials the package prints a page of help and
     raises SystemExit (its own import swallows that), so authenticate here, quietly."""
     chatter = io.StringIO()
@@ -540,22 +562,53 @@ def _kaggle_api():
     except (SystemExit, Exception):
         raise UserError(
             "kaggle: no usable Kaggle credentials (create a token at "
-            f"https://www.kaggle.com/settings/api, or download by hand: {MANUAL_DOWNLOAD})"
+            f"https://www.kaggle.com/settings/api, or download by hand: {manual})"
         ) from None
 
 
-def download(dest: Path = DATA_DIR, unzip: bool = True, api=None) -> list[Path]:
-    """Fetch oddrationale/mnist-in-csv into `dest` with the kaggle client; return the CSVs found."""
-    api = api or _kaggle_api()
+def download(
+    dest: Path = DATA_DIR, unzip: bool = True, api=None, competition: str | None = None
+) -> list[Path]:
+    """Fetch oddrationale/mnist-in-csv (or a competition's files) into `dest` with the kaggle
+    client; return the CSVs and zips it left there."""
+    api = api or _kaggle_api(manual_download(dest, competition))
     dest.mkdir(parents=True, exist_ok=True)
+    what = competition or KAGGLE_DATASET
     try:
-        api.dataset_download_files(KAGGLE_DATASET, path=str(dest), unzip=unzip, quiet=False)
+        if competition:
+            api.competition_download_files(competition, path=str(dest), quiet=False)
+        else:
+            api.dataset_download_files(KAGGLE_DATASET, path=str(dest), unzip=unzip, quiet=False)
     except Exception as e:
+        rules = (
+            f"accept its rules at {COMPETITION_URL.format(competition)}, " if competition else ""
+        )
         raise UserError(
-            f"kaggle: download of {KAGGLE_DATASET} failed: {first_line(e)} "
-            f"(check the network, or download by hand: {MANUAL_DOWNLOAD})"
+            f"kaggle: download of {what} failed: {first_line(e)} (check the network, "
+            f"{rules}or download by hand: {manual_download(dest, competition)})"
         ) from None
-    return sorted(dest.glob("mnist_*.csv")) + sorted(dest.glob(KAGGLE_ZIP))
+    archive = dest / f"{competition}.zip"
+    if competition and unzip and archive.is_file():
+        extract_csvs(archive, dest)
+        archive.unlink()
+    return sorted(p for p in dest.glob("*.csv") if p.name != "sample_submission.csv") + sorted(
+        dest.glob("*.zip")
+    )
+
+
+def extract_csvs(archive: Path, dest: Path) -> list[Path]:
+    """Each CSV at the top of `archive` written atomically into `dest` (members in folders,
+    links and other files are left in the zip)."""
+    written = []
+    with zipfile.ZipFile(archive) as zf:
+        for info in zf.infolist():
+            name = info.filename
+            if "/" in name or "\\" in name or not name.endswith(".csv") or info.is_dir():
+                continue
+            with atomic_write(dest / name, "wb") as out, zf.open(info) as member:
+                shutil.copyfileobj(member, out)
+            written.append(dest / name)
+    return written
 
 
 # ---------------------------------------------------------------- splits and statistics
@@ -812,13 +865,19 @@ def main(argv: list[str] | None = None) -> None:
     )
     ex.add_argument("--no-plots", action="store_true", help="print statistics only")
     dl = sub.add_parser("download", help=f"fetch {KAGGLE_DATASET} with the kaggle client")
-    dl.add_argument("--dest", type=Path, default=DATA_DIR, help="download directory")
+    dl.add_argument("--dest", type=Path, default=DATA_DIR, help="download directory (data/)")
     dl.add_argument("--no-unzip", action="store_true", help="keep the zip as it is")
+    dl.add_argument(
+        "--competition",
+        metavar="SLUG",
+        help=f"a competition's files instead, such as {KAGGLE_COMPETITION} (train.csv, "
+        "test.csv); needs its rules accepted on kaggle.com",
+    )
     args = parser.parse_args(argv)
     if args.command == "explore":
         explore(args.csv or find_data("train"), args.out_dir, draw=not args.no_plots)
     else:
-        found = download(args.dest, unzip=not args.no_unzip)
+        found = download(args.dest, unzip=not args.no_unzip, competition=args.competition)
         print("downloaded: " + ", ".join(str(p) for p in found))
 
 

@@ -1,10 +1,10 @@
 """Accuracy of a training recipe on the 10,000 real MNIST digits, on writers it never saw.
 
-Rows 0-4,999 of the file come from NIST SD-3 (Census employees) and rows 5,000-9,999 from SD-1
-(students): no writer is in both halves. The default protocol, `writers`, trains on one half and
-scores the other, both ways, and averages: accuracy on new handwriting. `folds` is stratified
-k-fold cross-validation over all 10,000, which puts one writer's digits on both sides and
-overstates that accuracy (kept to compare with earlier figures).
+Rows 0-4,999 of the file come from NIST SD-1 (students) and rows 5,000-9,999 from SD-3 (Census
+employees): one writer (22 digits) is in both halves, no other. The default protocol, `writers`,
+trains on one half and scores the other, both ways, and averages: accuracy on new handwriting.
+`folds` is stratified k-fold cross-validation over all 10,000, which puts one writer's digits on
+both sides and overstates that accuracy (kept to compare with earlier figures).
 
 Each split trains `train.py` (the default recipe plus any flags given after `--`) and scores the
 held-out digits with `predict.py`: every model alone, plain and with --tta, and with --ensemble N
@@ -35,7 +35,7 @@ import predict
 import train
 
 REAL_DIGITS = SHARED / "data" / "mnist_test.csv.gz"
-WRITERS = {"SD-3 -> SD-1": slice(5000, 10000), "SD-1 -> SD-3": slice(0, 5000)}  # test rows
+WRITERS = {"SD-1 -> SD-3": slice(5000, 10000), "SD-3 -> SD-1": slice(0, 5000)}  # test rows
 
 
 def stratified_folds(labels: np.ndarray, k: int, seed: int = 0) -> list[np.ndarray]:

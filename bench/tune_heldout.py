@@ -1,8 +1,8 @@
 """Does tune.py's best recipe beat the default on writers the search never saw?
 
-The search runs on the 5,000 real digits of NIST SD-3 (rows 0-4,999 of the MNIST test file) and
+The search runs on the 5,000 real digits of NIST SD-1 (rows 0-4,999 of the MNIST test file) and
 decides on its validation split alone; then the default recipe and the search's best train on
-SD-3 with several seeds, and both are scored on the 5,000 digits of SD-1 (rows 5,000-9,999),
+SD-1 with several seeds, and both are scored on the 5,000 digits of SD-3 (rows 5,000-9,999),
 whose writers neither the search nor the training saw.
 
 usage: python bench/tune_heldout.py [--trials 20] [--tune-json tune.json] [--seeds 3]
@@ -71,7 +71,7 @@ def main() -> None:
             ]
             results[name] = {"flags": given, "test_acc": accs}
             print(
-                f"{name:>18}: SD-3 -> SD-1 {statistics.mean(accs):.2%} "
+                f"{name:>18}: SD-1 -> SD-3 {statistics.mean(accs):.2%} "
                 f"(seeds {', '.join(f'{a:.2%}' for a in accs)})"
             )
     figures = {"machine": machine(), "search": searched, "search_seconds": search_seconds}

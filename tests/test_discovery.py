@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import zipfile
 from contextlib import redirect_stdout
@@ -80,6 +81,50 @@ def test_kaggle_working_root_moves_every_default_output(monkeypatch):
     }
 
 
+def write_digit_recognizer(folder: Path, train_rows: int = 60, test_rows: int = 37) -> None:
+    """Digit Recognizer's pair as Kaggle serves it: train.csv labelled, test.csv not."""
+    for name, table, layout in (
+        ("train.csv", make_table(train_rows, seed=3), "digit-recognizer"),
+        ("test.csv", make_table(test_rows, labelled=False, seed=4), "digit-recognizer-test"),
+    ):
+        (folder / name).write_text(csv_text(table, dataset.LAYOUTS[layout][0]))
+
+
+def test_digit_recognizers_train_and_test_csv_in_data_dir_are_found(project, capsys):
+    write_digit_recognizer(project)
+    found = (dataset.find_data("train"), dataset.find_data("test"))
+    assert found == (str(project / "train.csv"), str(project / "test.csv"))
+    assert capsys.readouterr().err == ""
+
+
+def test_mnist_in_csv_beats_digit_recognizer_in_data_dir(project):
+    write_digit_recognizer(project)
+    (project / "mnist_train.csv.gz").write_bytes(
+        gzip.compress(csv_text(make_table(3), HEADER).encode())
+    )
+    assert dataset.find_data("train") == str(project / "mnist_train.csv.gz")
+    assert dataset.find_data("test") == str(project / "test.csv")
+
+
+def test_plain_train_and_predict_make_a_digit_recognizer_submission(project, tmp_path):
+    """`python train.py && python predict.py` with only Kaggle's competition files in data/:
+    one row a test.csv row, ImageId 1..N in order, a digit for each."""
+    write_digit_recognizer(project)
+    out = tmp_path / "run"
+    flags = ["--arch", "basic", "--epochs", "1", "--no-plots", "--quiet", "--device", "cpu"]
+    summary = train.main([*flags, "--model-dir", str(out), "--out-dir", str(out)])
+    assert summary["train_source"] == str(project / "train.csv")
+    assert "test_acc" not in summary  # Digit Recognizer's test.csv has no labels to score
+    submission = tmp_path / "submission.csv"
+    where = ["--checkpoint", str(out / "best.pt"), "--output", str(submission), "--no-report"]
+    predict.main([*where, "--device", "cpu"])
+    lines = submission.read_text().splitlines()
+    assert lines[0] == "ImageId,Label"
+    ids, labels = zip(*(line.split(",") for line in lines[1:]))
+    assert [int(i) for i in ids] == list(range(1, 38))
+    assert set(labels) <= set("0123456789")
+
+
 def test_data_dir_csvs_beat_the_sample_silently(project, capsys):
     (project / "mnist_test.csv").write_text(csv_text(make_table(3), HEADER))
     assert dataset.find_data("test") == str(project / "mnist_test.csv")
@@ -142,6 +187,39 @@ class FakeKaggleApi:
             archive.unlink()
 
 
+class FakeCompetitionApi:
+    """Stands in for kaggle.api: leaves digit-recognizer.zip as Kaggle serves a competition."""
+
+    def __init__(self):
+        self.calls = []
+
+    def competition_download_files(self, competition, path, quiet):
+        self.calls.append(competition)
+        with zipfile.ZipFile(Path(path) / f"{competition}.zip", "w") as zf:
+            for name, labelled, layout in (
+                ("train.csv", True, "digit-recognizer"),
+                ("test.csv", False, "digit-recognizer-test"),
+            ):
+                table = make_table(20, labelled=labelled)
+                zf.writestr(name, csv_text(table, dataset.LAYOUTS[layout][0]))
+            zf.writestr("sample_submission.csv", "ImageId,Label\n1,0\n")
+
+
+@pytest.mark.parametrize(
+    ("unzip", "found"), [(True, "{}.csv"), (False, "digit-recognizer.zip::{}.csv")]
+)
+def test_the_competitions_download_is_found_by_plain_commands(project, unzip, found):
+    api = FakeCompetitionApi()
+    written = dataset.download(project, unzip=unzip, api=api, competition="digit-recognizer")
+    assert api.calls == ["digit-recognizer"]
+    assert [p.name for p in written] == (
+        ["test.csv", "train.csv"] if unzip else ["digit-recognizer.zip"]
+    )
+    for split in ("train", "test"):
+        assert dataset.find_data(split) == str(project / found.format(split))
+    assert len(dataset.load_csv(dataset.find_data("test"))) == 20
+
+
 @pytest.mark.parametrize("unzip", [True, False])
 def test_download_asks_kaggle_for_oddrationale_mnist_in_csv(project, unzip):
     api = FakeKaggleApi()
@@ -180,7 +258,7 @@ def test_missing_credentials_exit_2_with_the_manual_command(project, tmp_path, m
     out, err = capsys.readouterr()
     (line,) = err.splitlines()
     assert line.startswith("error: kaggle: no usable Kaggle credentials")
-    assert "kaggle datasets download -d oddrationale/mnist-in-csv -p data --unzip" in line
+    assert f"kaggle datasets download -d oddrationale/mnist-in-csv -p {project} --unzip" in line
     assert out == ""
 
 
