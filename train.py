@@ -72,6 +72,7 @@ OPTIMIZERS = {
 SCHEDULERS = ("onecycle", "cosine", "step", "plateau", "none")
 HERE = {"here": True}  # a setting of how to run on this machine: --resume takes it from its flags
 RANK_SEED_STEP = 7919  # torchrun rank r > 0 draws its dropout masks from seed + r * this
+PROGRESS_SECONDS = 30.0  # outside a terminal, a progress line this often within an epoch
 
 
 @dataclass(frozen=True)
@@ -204,7 +205,7 @@ def add_run_arguments(group, value) -> None:
     model.add_device_arguments(group, value("device"), value("precision"))
     for flag, what in (
         ("deterministic", "deterministic algorithms only (torch.use_deterministic_algorithms)"),
-        ("quiet", "no progress bars"),
+        ("quiet", "no progress within an epoch (a bar on a terminal, else a line every 30 s)"),
         ("no_plots", "draw no figures"),
     ):
         group.add_argument(
@@ -611,6 +612,29 @@ def save_checkpoints(run: Run, row: dict) -> None:
 # ---------------------------------------------------------------- the epoch loop
 
 
+class ProgressLines:
+    """Progress within an epoch as a plain line on stderr about every PROGRESS_SECONDS, for
+    where a bar cannot redraw: a log file, a notebook cell, Kaggle's batch log."""
+
+    def __init__(self, label: str, batches: int) -> None:
+        self.label, self.batches, self.every = label, batches, PROGRESS_SECONDS
+        self.started = self.last = time.perf_counter()
+
+    def due(self) -> bool:
+        return time.perf_counter() - self.last >= self.every
+
+    def show(self, done: int, seen: int, loss: float, acc: float) -> None:
+        self.last = time.perf_counter()
+        rate = seen / (self.last - self.started)
+        left = (self.last - self.started) * (self.batches - done) / done
+        print(
+            f"{self.label}  batch {done}/{self.batches}  loss {loss:.4f} acc {acc:6.2%}  "
+            f"{rate:,.0f} images/s  {left:.0f}s left in the epoch",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 def train_epoch(
     net: nn.Module,
     batches: dataset.DeviceBatches,
@@ -621,8 +645,8 @@ def train_epoch(
 ) -> torch.Tensor:
     """One pass over the shuffled (and augmented) training batches: the sums of the loss and of
     the right answers, the images seen, and the first batch (from 1) whose loss was not finite
-    (0: none), as one tensor for the ranks to reduce. `progress` labels a live progress bar;
-    None shows none."""
+    (0: none), as one tensor for the ranks to reduce. `progress` labels the progress shown: a
+    live bar on a terminal, else ProgressLines; None shows none."""
     from tqdm import tqdm
 
     net.train()
@@ -630,7 +654,9 @@ def train_epoch(
     correct = torch.zeros((), device=batches.device, dtype=torch.long)
     first_bad = torch.zeros((), device=batches.device, dtype=torch.long)  # no sync a batch
     seen = 0
-    bar = tqdm(batches, desc=progress, leave=False, disable=progress is None, unit="batch")
+    live = progress is not None and sys.stderr.isatty()
+    lines = ProgressLines(progress, len(batches)) if progress is not None and not live else None
+    bar = tqdm(batches, desc=progress, leave=False, disable=not live, unit="batch")
     for i, (xb, yb) in enumerate(bar, 1):
         with precision.autocast(batches.device):
             logits = net(xb)
@@ -641,10 +667,12 @@ def train_epoch(
         loss_sum += loss.detach() * len(yb)
         correct += (logits.argmax(1) == yb).sum()
         seen += len(yb)
-        if progress is not None and i % 20 == 1:
+        if live and i % 20 == 1:
             bar.set_postfix(
                 loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.2%}"
             )
+        elif lines is not None and lines.due() and i < len(batches):
+            lines.show(i, seen, loss_sum.item() / seen, correct.item() / seen)
     seen = torch.tensor(float(seen), device=batches.device)
     return torch.stack((loss_sum.float(), correct.float(), seen, first_bad.float()))
 
@@ -705,7 +733,7 @@ def run_epoch(run: Run, epoch: int) -> None:
     non-finite loss before anything of the epoch is saved."""
     cfg = run.cfg
     started = time.perf_counter()
-    shown = not cfg.quiet and sys.stderr.isatty() and run.ranks.main
+    shown = not cfg.quiet and run.ranks.main
     progress = f"epoch {epoch}/{cfg.epochs}" if shown else None
     sums = train_epoch(
         run.trained,

@@ -120,7 +120,7 @@ def test_plain_train_and_predict_make_a_digit_recognizer_submission(project, tmp
     predict.main([*where, "--device", "cpu"])
     lines = submission.read_text().splitlines()
     assert lines[0] == "ImageId,Label"
-    ids, labels = zip(*(line.split(",") for line in lines[1:]))
+    ids, labels = zip(*(line.split(",") for line in lines[1:]), strict=True)
     assert [int(i) for i in ids] == list(range(1, 38))
     assert set(labels) <= set("0123456789")
 

@@ -380,3 +380,23 @@ def test_resuming_a_best_checkpoint_or_incompatible_weights_is_refused(
         run_cli(train.main, ["--resume", str(path)])
     assert exit_info.value.code == 2
     assert expected in capsys.readouterr().err
+
+
+def progress_lines(tmp_path, monkeypatch, capsys, *extra: str) -> list[str]:
+    """What a one-epoch run prints on stderr (not a terminal here) with a progress line due
+    after every batch."""
+    monkeypatch.setattr(train, "PROGRESS_SECONDS", 0.0)
+    args = [a for a in quick_args(tmp_path, "--arch", "basic", "--epochs", "1") if a != "--quiet"]
+    train.main([*args, "--max-rows", "1000", "--batch-size", "100", *extra])
+    return [line for line in capsys.readouterr().err.splitlines() if "left in the epoch" in line]
+
+
+def test_outside_a_terminal_progress_is_a_line_within_the_epoch(tmp_path, monkeypatch, capsys):
+    lines = progress_lines(tmp_path, monkeypatch, capsys)
+    # 900 training rows in batches of 100: a line after each of batches 1..8, none after the last
+    assert [line.split("  ")[1] for line in lines] == [f"batch {i}/9" for i in range(1, 9)]
+    assert all(line.startswith("epoch 1/1  ") and " images/s  " in line for line in lines)
+
+
+def test_quiet_shows_no_progress_lines(tmp_path, monkeypatch, capsys):
+    assert progress_lines(tmp_path, monkeypatch, capsys, "--quiet") == []
