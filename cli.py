@@ -1,6 +1,6 @@
 """What every command-line entry point shares: the one-line user error, an argument parser that
 shows every default, running a main function with clean exits (errors, Ctrl-C, SIGTERM, a closed
-pipe), and where outputs go by default."""
+pipe), where outputs go by default, and the batch size of forward passes without gradients."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 MAX_ERROR_CHARS = 300  # an error line longer than this is cut in the middle
+EVAL_BATCH_SIZE = 1024  # images a forward pass when no gradients are kept (scoring, predicting)
 
 
 def one_line(text: str, limit: int = MAX_ERROR_CHARS) -> str:
@@ -96,3 +98,26 @@ def working_root() -> Path:
     if "KAGGLE_KERNEL_RUN_TYPE" in os.environ:
         return Path("/kaggle/working")
     return Path()
+
+
+class ProgressLines:
+    """Progress through batches as a plain line on stderr about every `every` seconds, for
+    where a bar cannot redraw: a log file, a notebook cell, Kaggle's batch log."""
+
+    def __init__(self, label: str, batches: int, every: float) -> None:
+        self.label, self.batches, self.every = label, batches, every
+        self.started = self.last = time.perf_counter()
+
+    def due(self) -> bool:
+        return time.perf_counter() - self.last >= self.every
+
+    def show(self, done: int, seen: int, loss: float, acc: float) -> None:
+        self.last = time.perf_counter()
+        rate = seen / (self.last - self.started)
+        left = (self.last - self.started) * (self.batches - done) / done
+        print(
+            f"{self.label}  batch {done}/{self.batches}  loss {loss:.4f} acc {acc:6.2%}  "
+            f"{rate:,.0f} images/s  {left:.0f}s left",
+            file=sys.stderr,
+            flush=True,
+        )

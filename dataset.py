@@ -1,8 +1,9 @@
 """Kaggle's MNIST CSVs in, validated uint8 digit tensors out.
 
 CSV layouts and fast parsing with line-and-column errors, the parse cache, finding the data and the
-Kaggle download, splits and row hashes, the `MNISTCSV` Dataset, the on-device batch iterator with
-batched augmentation, and the exploration command.
+Kaggle download, splits, row hashes and the leak guard's count, the `MNISTCSV` Dataset, the
+on-device batch iterator with batched augmentation, test-time augmented views, and the exploration
+command.
 
     python dataset.py explore [CSV]     # rows, class counts, pixel statistics, figures
     python dataset.py download          # oddrationale/mnist-in-csv into data/
@@ -640,12 +641,82 @@ def stratified_split(
     return np.setdiff1d(np.arange(len(labels)), val_idx), val_idx
 
 
+@dataclass
+class Splits:
+    """A run's data: the training CSV as parsed, its rows split into training and validation,
+    and the labelled test set when there is one."""
+
+    parsed: CSVData
+    train: CSVData
+    val: CSVData
+    test: CSVData | None
+
+    @property
+    def task(self) -> str:
+        return task_of(self.parsed.class_names)
+
+    def seen_rows(self) -> dict[str, torch.Tensor]:
+        """The leak guard's fingerprint of the rows the run learns from: the pixel hashes of the
+        training and validation rows (8 bytes a row), which predict.py compares its input with."""
+        return {
+            name: torch.from_numpy(np.unique(row_hashes(part.images)).view(np.int64))
+            for name, part in (("train", self.train), ("val", self.val))
+        }
+
+
+def load_splits(
+    train: str | None, test: str | None, max_rows: int | None, val_split: float, seed: int
+) -> Splits:
+    """The training CSV (given or found), its first `max_rows` rows split stratified (seeded),
+    and the test CSV (given, or found when the training CSV was) when it is labelled."""
+    train_source = train or find_data("train")
+    test_source = test
+    if test_source is None and train is None:
+        test_source = find_data("test", announce=False)
+    parsed = load_csv(train_source)
+    if parsed.labels is None:
+        raise UserError(f"{parsed.source}: has no label column (training needs labelled rows)")
+    rows = slice(max_rows)
+    images, labels = parsed.images[rows], parsed.labels[rows]
+    if len(labels) < MIN_TRAIN_ROWS:
+        raise UserError(
+            f"{parsed.source}: {len(labels)} labelled row; training needs at least "
+            f"{MIN_TRAIN_ROWS} (one to train on, one to validate)"
+        )
+    if len(np.unique(labels)) < 2:
+        name = parsed.class_names[labels[0]]
+        print(
+            f"warning: {parsed.source}: every training row is class {name}, so the model can "
+            f"only learn to answer {name}",
+            file=sys.stderr,
+        )
+    train_rows, val_rows = stratified_split(labels, val_split, seed)
+    test_data = load_csv(test_source) if test_source else None
+
+    def part(which: np.ndarray) -> CSVData:
+        return CSVData(images[which], labels[which], parsed.layout, parsed.source)
+
+    labelled = test_data if test_data is not None and test_data.labels is not None else None
+    return Splits(parsed, part(train_rows), part(val_rows), labelled)
+
+
 def row_hashes(images: np.ndarray) -> np.ndarray:
     """A 64-bit BLAKE2b hash of each image's pixels [N] (uint64): two rows share one exactly when
     they are the same image (but with odds of about N / 2**64). The leak guard compares these."""
     rows = np.ascontiguousarray(images, dtype=np.uint8).reshape(len(images), -1)
     digests = b"".join(hashlib.blake2b(row, digest_size=8).digest() for row in rows)
     return np.frombuffer(digests, dtype="<u8").copy()
+
+
+def count_seen(fingerprint: dict[str, np.ndarray] | None, images: np.ndarray) -> dict | None:
+    """The leak guard: how many of `images` the models trained on or validated on, matched by
+    pixel hashes against `fingerprint` (predict.Ensemble.seen_fingerprint); None without one."""
+    if fingerprint is None:
+        return None
+    hashes = row_hashes(images).view(np.int64)
+    trained = np.isin(hashes, fingerprint["train"])
+    seen = trained | np.isin(hashes, fingerprint["val"])
+    return {"rows": len(images), "seen": int(seen.sum()), "trained_on": int(trained.sum())}
 
 
 def pixel_stats(images: np.ndarray) -> tuple[float, float]:
@@ -665,8 +736,6 @@ def pixel_stats(images: np.ndarray) -> tuple[float, float]:
 
 
 # ---------------------------------------------------------------- tensors for training
-
-EVAL_BATCH_SIZE = 1024  # images a forward pass when no gradients are kept (scoring, predicting)
 
 
 class MNISTCSV(Dataset):
@@ -708,6 +777,36 @@ def warp(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     coordinates, -1..1 across the image), bilinearly, filling with 0 outside."""
     grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+TTA_SHIFT = 1  # pixels
+TTA_DEGREES = 8.0
+
+
+def tta_views(x: torch.Tensor, mirror: bool = False) -> list[torch.Tensor]:
+    """The batch [B,1,H,W] (background 0) as it is, shifted a pixel four ways, and rotated both
+    ways: seven views whose predictions are averaged. For models trained on mirrored images the
+    mirror image replaces the two rotations."""
+    s, h, w = TTA_SHIFT, x.shape[-2], x.shape[-1]
+    padded = F.pad(x, (s, s, s, s))
+    shifts = [
+        padded[..., s - dy : s - dy + h, s - dx : s - dx + w]
+        for dx, dy in ((s, 0), (-s, 0), (0, s), (0, -s))
+    ]
+    if mirror:
+        return [x, *shifts, x.flip(-1)]
+    return [x, *shifts, rotate(x, TTA_DEGREES), rotate(x, -TTA_DEGREES)]
+
+
+def rotate(x: torch.Tensor, degrees: float) -> torch.Tensor:
+    """Rotate a batch [B,1,H,W] about its centre, filling with 0."""
+    a = math.radians(degrees)
+    theta = torch.tensor(
+        [[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]],
+        dtype=x.dtype,
+        device=x.device,
+    ).expand(len(x), 2, 3)
+    return warp(x, theta)
 
 
 @dataclass

@@ -159,6 +159,12 @@ def arch_kwargs(arch: str, num_classes: int, width: int | None = None) -> dict:
     return {"num_classes": num_classes, "width": width}
 
 
+def first_width(arch: str) -> int:
+    """The channels of the first convolution of `arch`'s network (strong's --width)."""
+    net = build(arch)
+    return next(m.out_channels for m in net.modules() if isinstance(m, nn.Conv2d))
+
+
 def build(arch: str, **kwargs) -> nn.Module:
     """A freshly initialised network of a registered architecture."""
     require_arch(arch)
@@ -411,10 +417,8 @@ MAX_CLASSES = 1000
 MAX_WIDTH = 1024
 
 
-def _checkpoint_problem(ckpt: dict) -> str | None:
-    """What makes a checkpoint's fields unusable, checked before anything is built from them:
-    an unknown architecture, its arguments, the class names for its head, the normalization."""
-    arch, kwargs, names = ckpt["arch"], ckpt["arch_kwargs"], ckpt["class_names"]
+def _arch_problem(arch, kwargs) -> str | None:
+    """What makes a checkpoint's architecture or its arguments unusable."""
     if not isinstance(arch, str) or arch not in ARCHITECTURES:
         return f"architecture {arch!r} is not one of {', '.join(ARCHITECTURES)}"
     parameters = set(inspect.signature(ARCHITECTURES[arch]).parameters)
@@ -425,6 +429,16 @@ def _checkpoint_problem(ckpt: dict) -> str | None:
         low, high = bounds.get(key, (1, MAX_WIDTH))
         if type(value) is not int or not low <= value <= high:
             return f"arch_kwargs {key}={value!r} is not a whole number in {low}..{high}"
+    return None
+
+
+def _checkpoint_problem(ckpt: dict) -> str | None:
+    """What makes a checkpoint's fields unusable, checked before anything is built from them:
+    an unknown architecture, its arguments, the class names for its head, the normalization."""
+    kwargs, names = ckpt["arch_kwargs"], ckpt["class_names"]
+    problem = _arch_problem(ckpt["arch"], kwargs)
+    if problem:
+        return problem
     if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
         return "class_names is not a list of names"
     if len(names) != kwargs.get("num_classes", 10):

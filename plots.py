@@ -1,7 +1,7 @@
 """Every figure of the project: matplotlib with the Agg backend, seaborn for heatmaps.
 
-Each public function draws one figure (or, for `exploration_figures`, `evaluation_figures` and
-`search_figures`, a set), writes it atomically as PNG and returns its path.
+Each public function draws one figure, writes it atomically as PNG and returns its path; those
+named `*_figures` draw a set and return the paths (`caption` and `sample_rows` are helpers).
 """
 
 from __future__ import annotations

@@ -16,7 +16,6 @@ fitted on its validation split.
 from __future__ import annotations
 
 import io
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -24,18 +23,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import dataset
 import export
 import images
 import model
+import onnx_model
 import report
 from atomic import atomic_write, ensure_writable
-from cli import CLIParser, UserError, run_cli, working_root
-
-TTA_SHIFT = 1  # pixels
-TTA_DEGREES = 8.0
+from cli import EVAL_BATCH_SIZE, CLIParser, UserError, run_cli, working_root
 
 
 @dataclass(frozen=True)
@@ -54,7 +50,7 @@ class Options:
     export: str | None = None
     report_dir: str = field(default_factory=lambda: str(working_root() / "outputs" / "report"))
     no_report: bool = False
-    batch_size: int = dataset.EVAL_BATCH_SIZE
+    batch_size: int = EVAL_BATCH_SIZE
     device: str | None = None
     precision: str = field(default_factory=model.default_precision)
 
@@ -75,9 +71,9 @@ def parse_args(argv: list[str] | None) -> Options:
     p.add_argument(
         "--tta",
         action="store_true",
-        help=f"test-time augmentation: average over {TTA_SHIFT}-pixel shifts and "
-        f"+-{TTA_DEGREES:g} degree rotations (the mirror image instead of the rotations for "
-        "models trained on mirrored images: Fashion-MNIST's)",
+        help=f"test-time augmentation: average over {dataset.TTA_SHIFT}-pixel shifts and "
+        f"+-{dataset.TTA_DEGREES:g} degree rotations (the mirror image instead of the rotations "
+        "for models trained on mirrored images: Fashion-MNIST's)",
     )
     p.add_argument("--image", nargs="+", help="predict these image files instead of a CSV")
     p.add_argument(
@@ -101,6 +97,13 @@ def parse_args(argv: list[str] | None) -> Options:
     )
     model.add_device_arguments(p, default.device, default.precision)
     options = Options(**vars(p.parse_args(argv)))
+    check_options(options)
+    return options
+
+
+def check_options(options: Options) -> None:
+    """Refuse flags that cannot go together or cannot work, one line each, before any input
+    is read."""
     if options.image and options.input:
         raise UserError("--image and --input: give one of them")
     if Path(options.output).is_dir():
@@ -113,14 +116,13 @@ def parse_args(argv: list[str] | None) -> Options:
         raise UserError("--min-confidence: applies to CSV input, not --image")
     if options.export:
         check_export_flags(options)
-    return options
 
 
 def check_export_flags(options: Options) -> None:
     """--export writes a model: a file name ending .onnx, from .pt checkpoints, nothing else."""
-    if not export.is_onnx(options.export):
+    if not onnx_model.is_onnx(options.export):
         raise UserError(f"--export {options.export}: name a .onnx file")
-    if any(export.is_onnx(path) for path in options.checkpoint):
+    if any(onnx_model.is_onnx(path) for path in options.checkpoint):
         raise UserError("--export: give .pt checkpoints to export, not an .onnx file")
     for flag in ("input", "image", "tta", "min_confidence", "probabilities"):
         if getattr(options, flag):
@@ -206,7 +208,7 @@ class Ensemble:
         }
 
     def seen_in_training(self, images: np.ndarray) -> dict | None:
-        return count_seen(self.seen_fingerprint(), images)
+        return dataset.count_seen(self.seen_fingerprint(), images)
 
     def stories(self) -> list[dict]:
         return [model_story(member) for member in self.members]
@@ -215,13 +217,13 @@ class Ensemble:
         return f"{self.device.type} ({self.precision.describe()})"
 
     def predict_proba(
-        self, images: np.ndarray, tta: bool = False, batch_size: int = dataset.EVAL_BATCH_SIZE
+        self, images: np.ndarray, tta: bool = False, batch_size: int = EVAL_BATCH_SIZE
     ) -> np.ndarray:
         """Calibrated class probabilities [N, classes] (float32) for uint8 images [N, 28, 28]."""
         return self.probabilities(images, tta, batch_size)[0]
 
     def probabilities(
-        self, images: np.ndarray, tta: bool = False, batch_size: int = dataset.EVAL_BATCH_SIZE
+        self, images: np.ndarray, tta: bool = False, batch_size: int = EVAL_BATCH_SIZE
     ) -> tuple[np.ndarray, np.ndarray]:
         """Class probabilities [N, classes] (float32) for uint8 images [N, 28, 28], averaged over
         members (and views): calibrated (each member's logits over its temperature) and raw."""
@@ -231,7 +233,7 @@ class Ensemble:
             for xb, _ in batches:
                 calibrated, raw, views = 0, 0, 0
                 for member in self.members:
-                    for view in tta_views(xb, member.mirror) if tta else [xb]:
+                    for view in dataset.tta_views(xb, member.mirror) if tta else [xb]:
                         logits = member.net(member.normalize(view)).float()
                         calibrated = calibrated + (logits / member.temperature).softmax(1)
                         raw = raw + logits.softmax(1)
@@ -241,64 +243,8 @@ class Ensemble:
         return both[0], both[1]
 
 
-class EnsembleGraph(torch.nn.Module):
-    """An Ensemble's members as one module, what an ONNX export computes: the mean calibrated
-    and raw probabilities of pixel values 0..255 [B, 28, 28]."""
-
-    def __init__(self, members: list[Member]) -> None:
-        super().__init__()
-        self.nets = torch.nn.ModuleList(member.net for member in members)
-        self.scales = [(m.normalize.mean, m.normalize.std, m.temperature) for m in members]
-
-    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = pixels.unsqueeze(1) / 255
-        calibrated, raw = 0, 0
-        for net, (mean, std, temperature) in zip(self.nets, self.scales, strict=True):
-            logits = net((x - mean) / std)
-            calibrated = calibrated + (logits / temperature).softmax(1)
-            raw = raw + logits.softmax(1)
-        return calibrated / len(self.nets), raw / len(self.nets)
-
-
 # How an ONNX export's PyTorch reference runs: fp32, plain memory format (on the CPU).
 EXPORT_PRECISION = model.Precision(dtype=None, grad_scaler=False, channels_last=False)
-
-
-def count_seen(fingerprint: dict[str, np.ndarray] | None, images: np.ndarray) -> dict | None:
-    """The leak guard: how many of `images` the models trained on or validated on, matched by
-    pixel hashes against `fingerprint` (Ensemble.seen_fingerprint); None without one."""
-    if fingerprint is None:
-        return None
-    hashes = dataset.row_hashes(images).view(np.int64)
-    trained = np.isin(hashes, fingerprint["train"])
-    seen = trained | np.isin(hashes, fingerprint["val"])
-    return {"rows": len(images), "seen": int(seen.sum()), "trained_on": int(trained.sum())}
-
-
-def tta_views(x: torch.Tensor, mirror: bool = False) -> list[torch.Tensor]:
-    """The batch [B,1,H,W] (background 0) as it is, shifted a pixel four ways, and rotated both
-    ways: seven views whose predictions are averaged. For models trained on mirrored images the
-    mirror image replaces the two rotations."""
-    s, h, w = TTA_SHIFT, x.shape[-2], x.shape[-1]
-    padded = F.pad(x, (s, s, s, s))
-    shifts = [
-        padded[..., s - dy : s - dy + h, s - dx : s - dx + w]
-        for dx, dy in ((s, 0), (-s, 0), (0, s), (0, -s))
-    ]
-    if mirror:
-        return [x, *shifts, x.flip(-1)]
-    return [x, *shifts, rotate(x, TTA_DEGREES), rotate(x, -TTA_DEGREES)]
-
-
-def rotate(x: torch.Tensor, degrees: float) -> torch.Tensor:
-    """Rotate a batch [B,1,H,W] about its centre, filling with 0."""
-    a = math.radians(degrees)
-    theta = torch.tensor(
-        [[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]],
-        dtype=x.dtype,
-        device=x.device,
-    ).expand(len(x), 2, 3)
-    return dataset.warp(x, theta)
 
 
 # ---------------------------------------------------------------- submission CSV
@@ -505,10 +451,10 @@ def warn_of_seen_rows(ensemble: Ensemble, data: dataset.CSVData) -> dict | None:
 
 def load_models(options: Options):
     """The checkpoints on their device (an Ensemble), or an ONNX export on onnxruntime."""
-    if any(export.is_onnx(path) for path in options.checkpoint):
+    if any(onnx_model.is_onnx(path) for path in options.checkpoint):
         if len(options.checkpoint) > 1:
             raise UserError("--checkpoint: an ONNX export stands alone (export an ensemble whole)")
-        return export.OnnxEnsemble(options.checkpoint[0])
+        return onnx_model.OnnxEnsemble(options.checkpoint[0])
     return Ensemble(options.checkpoint, *model.setup_device(options.device, options.precision))
 
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-import export
 import images
+import onnx_model
 from cli import CLIParser, UserError, run_cli, working_root
 
 MAX_REQUEST_BYTES = 10_000_000  # a phone photo is 2-6 MB
@@ -54,8 +54,8 @@ def load(checkpoint: str):
     the file is a UserError."""
     if not Path(checkpoint).is_file():
         return None
-    if export.is_onnx(checkpoint):
-        return export.OnnxEnsemble(checkpoint)  # without importing torch: a start in a second
+    if onnx_model.is_onnx(checkpoint):
+        return onnx_model.OnnxEnsemble(checkpoint)  # without importing torch: a start in a second
     import predict
 
     return predict.load_models(predict.Options(checkpoint=[checkpoint], device="cpu"))

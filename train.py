@@ -7,375 +7,71 @@
 Writes models/best.pt (lowest validation loss) and models/last.pt every epoch, and
 outputs/history.csv, outputs/training_curves.png and outputs/metrics.json.
 
-Read top to bottom: the configuration (presets, `Config`, the command line), the data, the run
-(network, batches, optimization), its checkpoint state, the epoch loop, and the entry points.
+Read top to bottom: the data, the run (network, batches, optimization), its checkpoint state,
+the epoch loop, what follows the epochs, and the entry points. What a run is (recipes, `Config`,
+the command line) is config.py; several runs at once (ensembles on several GPUs) parallel.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import math
-import multiprocessing
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack, redirect_stderr, redirect_stdout
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import config
 import dataset
 import ddp
 import model
+import parallel
 import report
+import tensorboard_log
 from atomic import atomic_write, ensure_writable, write_json
-from cli import CLIParser, Terminated, UserError, run_cli, working_root
+from cli import EVAL_BATCH_SIZE, ProgressLines, Terminated, UserError, run_cli
+from config import Config
 
-# ---------------------------------------------------------------- configuration
+# ---------------------------------------------------------------- constants
 
-
-@dataclass(frozen=True)
-class Recipe:
-    """What --preset chooses for a task: the network, the length and pace of training."""
-
-    arch: str
-    epochs: int
-    batch_size: int
-    lr: float
-    augment: bool
-
-
-# The recipes per preset and task (dataset.task_of: the class names tell digits from
-# Fashion-MNIST); docs/experiments.md holds the experiments behind them.
-FAST = Recipe(arch="basic_bn", epochs=6, batch_size=256, lr=1e-2, augment=False)
-PRESETS = {
-    "best": {
-        "digits": Recipe(arch="strong", epochs=15, batch_size=128, lr=3e-3, augment=True),
-        "fashion": Recipe(arch="wide", epochs=20, batch_size=128, lr=3e-3, augment=True),
-    },
-    "fast": {"digits": FAST, "fashion": FAST},
-}
-DIGITS = PRESETS["best"]["digits"]
-# Each optimizer with the settings every recipe uses with it.
-OPTIMIZERS = {
-    "adamw": (torch.optim.AdamW, {"weight_decay": 0.01}),
-    "adam": (torch.optim.Adam, {}),
-    "sgd": (torch.optim.SGD, {"momentum": 0.9, "nesterov": True, "weight_decay": 5e-4}),
-}
-SCHEDULERS = ("onecycle", "cosine", "step", "plateau", "none")
-HERE = {"here": True}  # a setting of how to run on this machine: --resume takes it from its flags
 RANK_SEED_STEP = 7919  # torchrun rank r > 0 draws its dropout masks from seed + r * this
 PROGRESS_SECONDS = 30.0  # outside a terminal, a progress line this often within an epoch
 
 
-@dataclass(frozen=True)
-class Config:
-    """Every setting of one training run. The defaults are what `python train.py` uses on
-    digits; the recipe fields (arch to augment) follow --preset and the task unless a flag gives
-    them. Saved in every checkpoint; --resume restores all but the fields marked HERE."""
-
-    train: str | None = None
-    test: str | None = None
-    max_rows: int | None = None
-    val_split: float = 0.1
-    seed: int = 0
-    preset: str = "best"
-    arch: str = DIGITS.arch
-    epochs: int = DIGITS.epochs
-    batch_size: int = DIGITS.batch_size
-    lr: float = DIGITS.lr
-    augment: bool = DIGITS.augment
-    optimizer: str = "adamw"
-    scheduler: str = "onecycle"
-    label_smoothing: float = 0.1
-    weight_decay: float | None = None
-    width: int | None = None
-    augment_strength: float = 1.0
-    ensemble: int = 1
-    out_dir: str = field(default_factory=lambda: str(working_root() / "outputs"))
-    model_dir: str = field(default_factory=lambda: str(working_root() / "models"))
-    device: str | None = field(default=None, metadata=HERE)
-    precision: str = field(default_factory=model.default_precision, metadata=HERE)
-    deterministic: bool = field(default=False, metadata=HERE)
-    quiet: bool = field(default=False, metadata=HERE)
-    no_plots: bool = field(default=False, metadata=HERE)
-    tensorboard: str | None = field(default=None, metadata=HERE)
-    resume: str | None = field(default=None, metadata=HERE)
-
-    @classmethod
-    def for_task(cls, given: dict, task: str) -> Config:
-        """The settings given, the rest of the recipe from their preset for this task, and
-        every other setting its default."""
-        preset = given.get("preset", cls.preset)
-        return cls(**{**asdict(PRESETS[preset][task]), **given})
-
-    @classmethod
-    def resumed(cls, saved: dict, given: dict, last: Path) -> Config:
-        """The run a last.pt saved (a setting older than the checkpoint gets its default), run
-        as this command line says (the HERE fields) and writing where it says: by default beside
-        `last`, or where the run wrote when `last` is still in its own model folder. --epochs
-        may change; a changed setting of what to train is refused in one line."""
-        names = {f.name for f in fields(cls)}
-        here = {f.name for f in fields(cls) if f.metadata == HERE}
-        may_change = here | {"epochs", "model_dir", "out_dir"}
-        default = cls()
-        for name in sorted(given.keys() - may_change):
-            if given[name] != saved.get(name, getattr(default, name)):
-                flag = f"--{name.replace('_', '-')}"
-                raise UserError(
-                    f"{flag} {given[name]}: a resumed run keeps its settings ({flag} "
-                    f"{saved.get(name)}); start a new run to change it"
-                )
-        kept = {name: saved[name] for name in names & saved.keys() - here}
-        in_place = Path(saved.get("model_dir", "")).resolve() == last.parent.resolve()
-        where = {"model_dir": str(last.parent), "out_dir": str(last.parent)}
-        if in_place:
-            where["out_dir"] = saved.get("out_dir", default.out_dir)
-        here_given = {name: value for name, value in given.items() if name in may_change}
-        return cls(**{**kept, **where, **here_given, "resume": str(last)})
-
-
-def recipe_default(name: str) -> str:
-    """What a recipe flag defaults to, per preset and task, for --help."""
-    values = []
-    for preset, by_task in PRESETS.items():
-        digits, fashion = getattr(by_task["digits"], name), getattr(by_task["fashion"], name)
-        values.append(
-            f"{preset}: {digits}" + ("" if digits == fashion else f", Fashion-MNIST {fashion}")
-        )
-    return "; ".join(values)
-
-
-def parse_args(argv: list[str] | None) -> dict:
-    """The settings given on the command line, and only those: one not given takes its
-    default from Config, or, for the recipe, from the preset. (--help shows every default.)"""
-    build_parser(Config()).parse_args(argv)  # --help and every error, with the defaults shown
-    return vars(build_parser(None).parse_args(argv))
-
-
-def build_parser(default: Config | None) -> CLIParser:
-    """The command line's parser: with `default`'s values as defaults, or (None) with every
-    flag absent unless given."""
-
-    def value(name: str):
-        return argparse.SUPPRESS if default is None else getattr(default, name)
-
-    p = CLIParser(description="Train a CNN on Kaggle's MNIST CSVs.")
-    add_data_arguments(p.add_argument_group("data"), value)
-    add_recipe_arguments(p.add_argument_group("recipe"), value)
-    add_run_arguments(p.add_argument_group("outputs and running"), value)
-    return p
-
-
-def add_data_arguments(group, value) -> None:
-    """Which rows train, validate and test; `value(name)` is a flag's default."""
-    group.add_argument(
-        "--train", default=value("train"), help="training CSV (.csv, .gz, .zip); None: found"
-    )
-    group.add_argument(
-        "--test", default=value("test"), help="labelled test CSV, scored at the end; None: found"
-    )
-    group.add_argument(
-        "--max-rows", type=int, default=value("max_rows"), help="use the first N training rows"
-    )
-    group.add_argument(
-        "--val-split", type=float, default=value("val_split"), help="validation share"
-    )
-    group.add_argument("--seed", type=int, default=value("seed"), help="split, init, shuffling")
-
-
-def add_run_arguments(group, value) -> None:
-    """Ensembles, where outputs go, how to run here, and --resume."""
-    group.add_argument(
-        "--ensemble",
-        type=int,
-        default=value("ensemble"),
-        help="train N models with seeds SEED..SEED+N-1 into MODEL_DIR/seedK/ (predict.py "
-        "averages them: --checkpoint MODEL_DIR/seed*/best.pt)",
-    )
-    group.add_argument("--out-dir", default=value("out_dir"), help="figures, history, metrics")
-    group.add_argument("--model-dir", default=value("model_dir"), help="checkpoints")
-    model.add_device_arguments(group, value("device"), value("precision"))
-    for flag, what in (
-        ("deterministic", "deterministic algorithms only (torch.use_deterministic_algorithms)"),
-        ("quiet", "no progress within an epoch (a bar on a terminal, else a line every 30 s)"),
-        ("no_plots", "draw no figures"),
-    ):
-        group.add_argument(
-            f"--{flag.replace('_', '-')}", action="store_true", default=value(flag), help=what
-        )
-    group.add_argument(
-        "--tensorboard",
-        nargs="?",
-        const=str(working_root() / "outputs" / "tensorboard"),
-        default=value("tensorboard"),
-        metavar="DIR",
-        help="log the run for TensorBoard into DIR/<run> (DIR without a value: "
-        "outputs/tensorboard); needs the tensorboard package",
-    )
-    group.add_argument(
-        "--resume",
-        default=value("resume"),
-        help="continue from this last.pt with its saved settings, writing beside it unless "
-        "--model-dir/--out-dir say otherwise; --epochs extends a run whose schedule allows it",
-    )
-
-
-def add_recipe_arguments(group, value) -> None:
-    """--preset, the five flags it decides (absent unless given), and the rest of the recipe;
-    `value(name)` is a flag's default."""
-    group.add_argument(
-        "--preset",
-        choices=PRESETS,
-        default=value("preset"),
-        help="best (most accurate) or fast (shortest time to accuracy); it sets --arch, "
-        "--epochs, --batch-size, --lr and --augment per task unless given",
-    )
-    for flag, kind, what in (
-        ("arch", str, ", ".join(model.ARCHITECTURES)),
-        ("epochs", int, "passes over the data"),
-        ("batch_size", int, "images a step"),
-        ("lr", float, "(peak) learning rate"),
-    ):
-        help_text = f"{what} (default: {recipe_default(flag)})"
-        group.add_argument(
-            f"--{flag.replace('_', '-')}", type=kind, default=argparse.SUPPRESS, help=help_text
-        )
-    group.add_argument(
-        "--augment",
-        action=argparse.BooleanOptionalAction,
-        default=argparse.SUPPRESS,
-        help=f"random distortions per batch (default: {recipe_default('augment')})",
-    )
-    settings = "; ".join(
-        f"{name}: {', '.join(f'{k} {v}' for k, v in kw.items()) or 'defaults'}"
-        for name, (_, kw) in OPTIMIZERS.items()
-    )
-    group.add_argument(
-        "--optimizer", choices=OPTIMIZERS, default=value("optimizer"), help=f"with {settings}"
-    )
-    group.add_argument(
-        "--scheduler", choices=SCHEDULERS, default=value("scheduler"), help="learning-rate schedule"
-    )
-    group.add_argument(
-        "--label-smoothing", type=float, default=value("label_smoothing"), help="of the loss"
-    )
-    group.add_argument(
-        "--weight-decay",
-        type=float,
-        default=value("weight_decay"),
-        help="the optimizer's weight decay; None: its setting above",
-    )
-    group.add_argument(
-        "--width",
-        type=int,
-        default=value("width"),
-        help="channels of the first block, for architectures with a width (strong: 32); None: "
-        "the architecture's own",
-    )
-    group.add_argument(
-        "--augment-strength",
-        type=float,
-        default=value("augment_strength"),
-        help="multiplies the ranges of rotation, shift, scale and shear",
-    )
-
-
-def check_flags(given: dict) -> None:
-    """Reject settings given that cannot train, one line each; defaults and a preset's values
-    are valid as they are, and --val-split is checked where the split is made."""
-    for key in ("epochs", "batch_size", "ensemble"):
-        if key in given and given[key] < 1:
-            raise UserError(f"--{key.replace('_', '-')} {given[key]}: must be at least 1")
-    if "lr" in given and not 0 < given["lr"] < math.inf:
-        raise UserError(f"--lr {given['lr']}: must be a positive number (for example 3e-3)")
-    if "label_smoothing" in given and not 0 <= given["label_smoothing"] < 1:
-        raise UserError(f"--label-smoothing {given['label_smoothing']}: must be in [0, 1)")
-    for key, top in (("weight_decay", 1.0), ("augment_strength", 3.0)):
-        if given.get(key) is not None and not 0 <= given[key] <= top:
-            raise UserError(f"--{key.replace('_', '-')} {given[key]}: must be in [0, {top:g}]")
-    if given.get("width") is not None and not 1 <= given["width"] <= model.MAX_WIDTH:
-        raise UserError(f"--width {given['width']}: must be in [1, {model.MAX_WIDTH}]")
-    if given.get("max_rows") is not None and given["max_rows"] < dataset.MIN_TRAIN_ROWS:
-        raise UserError(
-            f"--max-rows {given['max_rows']}: must be at least {dataset.MIN_TRAIN_ROWS}"
-        )
-    if "arch" in given:
-        model.require_arch(given["arch"])
-    if given.get("tensorboard") is not None:
-        import tensorboard_log
-
-        tensorboard_log.require()
-
-
-# ---------------------------------------------------------------- data
-
-
-@dataclass
-class Splits:
-    """A run's data: the training CSV as parsed, its rows split into training and validation,
-    and the labelled test set when there is one."""
-
-    parsed: dataset.CSVData
-    train: dataset.CSVData
-    val: dataset.CSVData
-    test: dataset.CSVData | None
-
-    @property
-    def task(self) -> str:
-        return dataset.task_of(self.parsed.class_names)
-
-    def seen_rows(self) -> dict[str, torch.Tensor]:
-        """The leak guard's fingerprint of the rows the run learns from: the pixel hashes of the
-        training and validation rows (8 bytes a row), which predict.py compares its input with."""
-        return {
-            name: torch.from_numpy(np.unique(dataset.row_hashes(part.images)).view(np.int64))
-            for name, part in (("train", self.train), ("val", self.val))
-        }
-
-
-def load_splits(settings: Config) -> Splits:
-    """The training CSV (given or found), its first `max_rows` rows split stratified, and the
-    test CSV (given, or found when the training CSV was) when it is labelled."""
-    train_source = settings.train or dataset.find_data("train")
-    test_source = settings.test
-    if test_source is None and settings.train is None:
-        test_source = dataset.find_data("test", announce=False)
-    parsed = dataset.load_csv(train_source)
-    if parsed.labels is None:
-        raise UserError(f"{parsed.source}: has no label column (training needs labelled rows)")
-    rows = slice(settings.max_rows)
-    images, labels = parsed.images[rows], parsed.labels[rows]
-    if len(labels) < dataset.MIN_TRAIN_ROWS:
-        raise UserError(
-            f"{parsed.source}: {len(labels)} labelled row; training needs at least "
-            f"{dataset.MIN_TRAIN_ROWS} (one to train on, one to validate)"
-        )
-    if len(np.unique(labels)) < 2:
-        name = parsed.class_names[labels[0]]
-        print(
-            f"warning: {parsed.source}: every training row is class {name}, so the model can "
-            f"only learn to answer {name}",
-            file=sys.stderr,
-        )
-    train_rows, val_rows = dataset.stratified_split(labels, settings.val_split, settings.seed)
-    test = dataset.load_csv(test_source) if test_source else None
-
-    def part(which: np.ndarray) -> dataset.CSVData:
-        return dataset.CSVData(images[which], labels[which], parsed.layout, parsed.source)
-
-    labelled_test = test if test is not None and test.labels is not None else None
-    return Splits(parsed, part(train_rows), part(val_rows), labelled_test)
-
-
 # ---------------------------------------------------------------- the run
+
+
+@dataclass(frozen=True)
+class RunEnd:
+    """What a finished run tells its watchers: its settings, record and results, and the kept
+    network's validation logits with their labels."""
+
+    config: dict
+    history: list[dict]
+    best_epoch: int
+    summary: dict
+    class_names: list[str]
+    curves: str  # how the history's training metrics were measured
+    val_labels: np.ndarray
+    val_logits: np.ndarray
+
+
+class Watcher(Protocol):
+    """Sees a run from outside the loop (TensorBoard, a tune.py trial): each epoch's history
+    row with the run's length, and the end."""
+
+    def epoch(self, row: dict, epochs: int) -> None: ...
+
+    def finish(self, end: RunEnd) -> None: ...
 
 
 def make_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, total_steps: int):
@@ -405,7 +101,7 @@ class Optimization:
     @classmethod
     def create(cls, cfg: Config, net: nn.Module, steps_per_epoch: int, fp16: bool) -> Optimization:
         """The optimizer and schedule `cfg` names for `net`; a loss scaler for fp16."""
-        kind, settings = OPTIMIZERS[cfg.optimizer]
+        kind, settings = config.OPTIMIZERS[cfg.optimizer]
         if cfg.weight_decay is not None:
             settings = {**settings, "weight_decay": cfg.weight_decay}
         optimizer = kind(net.parameters(), lr=cfg.lr, **settings)
@@ -451,8 +147,8 @@ class Run:
 
     cfg: Config
     precision: model.Precision
-    net: nn.Module
-    trained: nn.Module  # `net` as the steps see it: under DistributedDataParallel with torchrun
+    raw_net: nn.Module  # what checkpoints hold
+    net: nn.Module  # `raw_net` as the steps see it: under DistributedDataParallel with torchrun
     ranks: ddp.Ranks
     augment: dataset.Augment | None
     train_batches: dataset.DeviceBatches  # this rank's share of each batch
@@ -460,9 +156,8 @@ class Run:
     val_shard: dataset.DeviceBatches  # this rank's share of it, validated every epoch
     optimization: Optimization
     checkpoint_meta: dict  # what every checkpoint holds besides weights and progress
-    watchers: list = field(default_factory=list)  # told of each epoch (.epoch) and the end
+    watchers: list[Watcher] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
-    best_val_acc: float = -1.0
     epoch: int = 0  # the last finished epoch
     train_seconds: float = 0.0  # spent in training epochs by this process
     epochs_here: int = 0  # epochs trained by this process (a resumed run counts its own)
@@ -474,7 +169,7 @@ class Run:
 
 def build_run(
     cfg: Config,
-    splits: Splits,
+    splits: dataset.Splits,
     device: torch.device,
     precision: model.Precision,
     ranks: ddp.Ranks = ddp.SINGLE,
@@ -494,23 +189,33 @@ def build_run(
     if ranks.rank:  # its own dropout masks; the weights are rank 0's (DDP broadcasts them)
         torch.manual_seed(cfg.seed + RANK_SEED_STEP * ranks.rank)
     normalize = dataset.Normalize(mean, std, precision.channels_last)
-    train, val = splits.train, splits.val
-    train_batches = dataset.DeviceBatches(
-        train.images, train.labels, cfg.batch_size, device, normalize, cfg.seed, augment
-    ).share(*ranks.shard)
-    val_batches = dataset.DeviceBatches(
-        val.images, val.labels, dataset.EVAL_BATCH_SIZE, device, normalize
+    batches = device_batches(cfg, splits, (normalize, augment), device, ranks)
+    train_batches, val_batches, val_shard = batches
+    meta = checkpoint_meta(cfg, splits, kwargs, (mean, std), curves_caption(cfg, net))
+    return Run(
+        cfg=cfg,
+        precision=precision,
+        raw_net=net,
+        net=ddp.wrap(net, ranks, device),
+        ranks=ranks,
+        augment=augment,
+        train_batches=train_batches,
+        val_batches=val_batches,
+        val_shard=val_shard,
+        optimization=Optimization.create(cfg, net, len(train_batches), precision.grad_scaler),
+        checkpoint_meta=meta,
     )
-    val_shard = val_batches
-    if ranks.world > 1:
-        mine = slice(ranks.rank, None, ranks.world)
-        val_shard = dataset.DeviceBatches(
-            val.images[mine], val.labels[mine], dataset.EVAL_BATCH_SIZE, device, normalize
-        )
-    optimization = Optimization.create(cfg, net, len(train_batches), precision.grad_scaler)
-    meta = {
+
+
+def checkpoint_meta(
+    cfg: Config, splits: dataset.Splits, arch_kwargs: dict, stats: tuple[float, float], curves: str
+) -> dict:
+    """What every checkpoint of the run holds besides weights and progress: how to rebuild and
+    feed the network, its classes, the leak guard's fingerprint, the data, the settings."""
+    mean, std = stats
+    return {
         "arch": cfg.arch,
-        "arch_kwargs": kwargs,
+        "arch_kwargs": arch_kwargs,
         "mean": mean,
         "std": std,
         "class_names": list(splits.parsed.class_names),
@@ -522,21 +227,29 @@ def build_run(
         },
         "config": asdict(cfg),
         "versions": model.library_versions(),
-        "curves": curves_caption(cfg, net),  # how the history's training metrics were measured
+        "curves": curves,  # how the history's training metrics were measured
     }
-    return Run(
-        cfg=cfg,
-        precision=precision,
-        net=net,
-        trained=ddp.wrap(net, ranks, device),
-        ranks=ranks,
-        augment=augment,
-        train_batches=train_batches,
-        val_batches=val_batches,
-        val_shard=val_shard,
-        optimization=optimization,
-        checkpoint_meta=meta,
+
+
+def device_batches(
+    cfg: Config, splits: dataset.Splits, transforms: tuple, device: torch.device, ranks: ddp.Ranks
+) -> tuple[dataset.DeviceBatches, dataset.DeviceBatches, dataset.DeviceBatches]:
+    """The splits on the device, normalized (and the training batches augmented) by
+    `transforms`: this rank's share of each shuffled training batch, the whole validation split,
+    and this rank's share of it."""
+    normalize, augment = transforms
+    train, val = splits.train, splits.val
+    train_batches = dataset.DeviceBatches(
+        train.images, train.labels, cfg.batch_size, device, normalize, cfg.seed, augment
+    ).share(*ranks.shard)
+    val_batches = dataset.DeviceBatches(val.images, val.labels, EVAL_BATCH_SIZE, device, normalize)
+    if ranks.world == 1:
+        return train_batches, val_batches, val_batches
+    mine = slice(ranks.rank, None, ranks.world)
+    val_shard = dataset.DeviceBatches(
+        val.images[mine], val.labels[mine], EVAL_BATCH_SIZE, device, normalize
     )
+    return train_batches, val_batches, val_shard
 
 
 # ---------------------------------------------------------------- checkpoint state
@@ -558,14 +271,13 @@ def training_state(run: Run, rank_rngs: list[torch.Tensor]) -> dict:
         "scheduler": None if opt.scheduler is None else opt.scheduler.state_dict(),
         "scaler": None if opt.scaler is None else opt.scaler.state_dict(),
         "rng": rng,
-        "best_val_acc": run.best_val_acc,
     }
 
 
 def restore_training_state(run: Run, last: dict) -> None:
     """Put back what training_state saved, and the weights and epoch of that last.pt."""
     opt = run.optimization
-    run.net.load_state_dict(last["state_dict"])
+    run.raw_net.load_state_dict(last["state_dict"])
     opt.optimizer.load_state_dict(last["optimizer"])
     if opt.scheduler is not None:
         opt.scheduler.load_state_dict(last["scheduler"])
@@ -579,7 +291,7 @@ def restore_training_state(run: Run, last: dict) -> None:
     run.train_batches.generator.set_state(last["rng"]["batches"])
     if run.device.type == "cuda" and "cuda" in last["rng"]:
         torch.cuda.set_rng_state(last["rng"]["cuda"], run.device)
-    run.history, run.best_val_acc, run.epoch = last["history"], last["best_val_acc"], last["epoch"]
+    run.history, run.epoch = last["history"], last["epoch"]
 
 
 def validates_better(row: dict, other: dict) -> bool:
@@ -599,40 +311,16 @@ def save_checkpoints(run: Run, row: dict) -> None:
     if not run.ranks.main:
         return
     model_dir = Path(run.cfg.model_dir)
-    state = {**run.checkpoint_meta, "state_dict": run.net.state_dict(), "epoch": run.epoch}
+    state = {**run.checkpoint_meta, "state_dict": run.raw_net.state_dict(), "epoch": run.epoch}
     state |= {"metrics": row, "history": run.history}
     checkpoints = {}
     if all(validates_better(row, earlier) for earlier in run.history[:-1]):
-        run.best_val_acc = row["val_acc"]
         checkpoints[model_dir / "best.pt"] = state
     checkpoints[model_dir / "last.pt"] = {**state, **training_state(run, rank_rngs)}
     model.save_checkpoints(checkpoints)
 
 
 # ---------------------------------------------------------------- the epoch loop
-
-
-class ProgressLines:
-    """Progress within an epoch as a plain line on stderr about every PROGRESS_SECONDS, for
-    where a bar cannot redraw: a log file, a notebook cell, Kaggle's batch log."""
-
-    def __init__(self, label: str, batches: int) -> None:
-        self.label, self.batches, self.every = label, batches, PROGRESS_SECONDS
-        self.started = self.last = time.perf_counter()
-
-    def due(self) -> bool:
-        return time.perf_counter() - self.last >= self.every
-
-    def show(self, done: int, seen: int, loss: float, acc: float) -> None:
-        self.last = time.perf_counter()
-        rate = seen / (self.last - self.started)
-        left = (self.last - self.started) * (self.batches - done) / done
-        print(
-            f"{self.label}  batch {done}/{self.batches}  loss {loss:.4f} acc {acc:6.2%}  "
-            f"{rate:,.0f} images/s  {left:.0f}s left in the epoch",
-            file=sys.stderr,
-            flush=True,
-        )
 
 
 def train_epoch(
@@ -655,7 +343,11 @@ def train_epoch(
     first_bad = torch.zeros((), device=batches.device, dtype=torch.long)  # no sync a batch
     seen = 0
     live = progress is not None and sys.stderr.isatty()
-    lines = ProgressLines(progress, len(batches)) if progress is not None and not live else None
+    lines = (
+        ProgressLines(progress, len(batches), PROGRESS_SECONDS)
+        if progress is not None and not live
+        else None
+    )
     bar = tqdm(batches, desc=progress, leave=False, disable=not live, unit="batch")
     for i, (xb, yb) in enumerate(bar, 1):
         with precision.autocast(batches.device):
@@ -707,8 +399,10 @@ def score_sums(
 
 def validate(run: Run) -> tuple[float, float]:
     """Validation loss and accuracy of rank 0's network, each rank scoring its share."""
-    ddp.share_buffers(run.net, run.ranks)
-    loss_sum, correct, n = ddp.reduce(score_sums(run.net, run.val_shard, run.precision), run.ranks)
+    ddp.share_buffers(run.raw_net, run.ranks)
+    loss_sum, correct, n = ddp.reduce(
+        score_sums(run.raw_net, run.val_shard, run.precision), run.ranks
+    )
     return (loss_sum / n).item(), (correct / n).item()
 
 
@@ -736,7 +430,7 @@ def run_epoch(run: Run, epoch: int) -> None:
     shown = not cfg.quiet and run.ranks.main
     progress = f"epoch {epoch}/{cfg.epochs}" if shown else None
     sums = train_epoch(
-        run.trained,
+        run.net,
         run.train_batches,
         run.optimization,
         run.precision,
@@ -770,7 +464,7 @@ def run_epoch(run: Run, epoch: int) -> None:
         flush=True,
     )
     for watcher in run.watchers:
-        watcher.epoch(run, row)
+        watcher.epoch(row, cfg.epochs)
 
 
 def stop_if_diverged(run: Run, epoch: int, bad_batch: int | None, losses: tuple) -> None:
@@ -803,7 +497,7 @@ def write_history(path: Path, history: list[dict]) -> None:
 def score_test(run: Run, net: nn.Module, test: dataset.CSVData) -> dict:
     """best.pt's network scored once on the labelled test set."""
     batches = dataset.DeviceBatches(
-        test.images, test.labels, dataset.EVAL_BATCH_SIZE, run.device, run.val_batches.normalize
+        test.images, test.labels, EVAL_BATCH_SIZE, run.device, run.val_batches.normalize
     )
     loss, acc = score(net, batches, run.precision)
     print(f"test accuracy {acc:.2%} on {len(test):,} images from {test.source}")
@@ -839,7 +533,7 @@ def curves_caption(cfg: Config, net: nn.Module) -> str:
     return ", ".join(measured) or "as in evaluation"
 
 
-def finish(run: Run, splits: Splits, started: float) -> dict:
+def finish(run: Run, splits: dataset.Splits, started: float) -> dict:
     """The test score of best.pt, metrics.json and the training curves; the run's summary."""
     cfg = run.cfg
     best_path = Path(cfg.model_dir) / "best.pt"
@@ -875,8 +569,18 @@ def finish(run: Run, splits: Splits, started: float) -> dict:
         f"accuracy {summary['best_val_acc']:.2%}) -> {Path(cfg.model_dir) / 'best.pt'}; "
         f"{summary['train_images_per_s']:,} training images/s"
     )
+    end = RunEnd(
+        asdict(cfg),
+        run.history,
+        best["epoch"],
+        summary,
+        run.checkpoint_meta["class_names"],
+        run.checkpoint_meta["curves"],
+        run.val_batches.y.cpu().numpy(),
+        val_logits,
+    )
     for watcher in run.watchers:
-        watcher.finish(run, summary, best["epoch"], val_logits)
+        watcher.finish(end)
     return summary
 
 
@@ -884,7 +588,10 @@ def finish(run: Run, splits: Splits, started: float) -> dict:
 
 
 def train(
-    given: dict, resume: dict | None = None, ranks: ddp.Ranks = ddp.SINGLE, watchers=()
+    given: dict,
+    resume: dict | None = None,
+    ranks: ddp.Ranks = ddp.SINGLE,
+    watchers: tuple[Watcher, ...] = (),
 ) -> dict:
     """One training run from the settings given, or the continuation of `resume`, a last.pt
     whose settings `given` then holds in full; this process is rank `ranks` of it, and every
@@ -897,7 +604,9 @@ def train(
     name = ddp.device_name(draft.device, ranks, torch.cuda.is_available())
     device, precision = model.setup_device(name, draft.precision)
     ddp.start(ranks, device)
-    splits = load_splits(draft)
+    splits = dataset.load_splits(
+        draft.train, draft.test, draft.max_rows, draft.val_split, draft.seed
+    )
     cfg = Config.for_task(given, splits.task)
     run = build_run(cfg, splits, device, precision, ranks)
     if resume is not None:
@@ -909,7 +618,11 @@ def train(
         f"{device.type}, {precision.describe()}{processes}"
     )
     if ranks.main:
-        run.watchers.extend([*watchers, *board(run, resume)])
+        earlier = (resume or {}).get("tensorboard_run")
+        boards = tensorboard_log.boards(cfg, earlier, first_epoch=run.epoch + 1)
+        for board in boards:  # every checkpoint names its folder, for --resume
+            run.checkpoint_meta["tensorboard_run"] = board.name
+        run.watchers.extend([*watchers, *boards])
     if not cfg.no_plots and resume is None and ranks.main:
         import plots
 
@@ -920,127 +633,6 @@ def train(
     return summary
 
 
-def board(run: Run, resume: dict | None) -> list:
-    """The TensorBoard watcher --tensorboard asks for, in the folder of the run (a resumed run
-    continues its own), or none."""
-    if run.cfg.tensorboard is None:
-        return []
-    import tensorboard_log
-
-    name = (resume or {}).get("tensorboard_run") or tensorboard_log.run_name(
-        run.cfg.arch, run.cfg.seed
-    )
-    run.checkpoint_meta["tensorboard_run"] = name
-    log_dir = Path(run.cfg.tensorboard) / name
-    print(f"TensorBoard: {log_dir} (tensorboard --logdir {run.cfg.tensorboard})")
-    return [tensorboard_log.Board(log_dir, first_epoch=run.epoch + 1)]
-
-
-def member_dir(root: str | Path, seed: int) -> Path:
-    """Where an ensemble member of this seed writes, inside `root`."""
-    return Path(root) / f"seed{seed}"
-
-
-def train_ensemble(given: dict) -> dict:
-    """`ensemble` runs, each with its own seed (split, init, order) and folders: one after
-    another, or at once, one per GPU, on a machine with several (`member_devices`)."""
-    settings = Config(**given)
-    seeds = range(settings.seed, settings.seed + settings.ensemble)
-    runs = []
-    for seed in seeds:
-        member = {"seed": seed, "ensemble": 1}
-        member["model_dir"] = str(member_dir(settings.model_dir, seed))
-        member["out_dir"] = str(member_dir(settings.out_dir, seed))
-        runs.append({**given, **member})
-    devices = member_devices(settings.device, len(runs), usable_gpus())
-    if devices:
-        print(f"ensemble of {len(runs)}: training {len(devices)} at once, on {', '.join(devices)}")
-        members = train_in_parallel(runs, devices)
-    else:
-        members = []
-        for k, run in enumerate(runs, 1):
-            print(f"ensemble member {k}/{len(runs)}: {run['model_dir']}")
-            members.append(train(run))
-    checkpoints = [str(Path(run["model_dir"]) / "best.pt") for run in runs]
-    print(
-        f"ensemble of {len(runs)}; predict with: python predict.py --checkpoint "
-        + " ".join(checkpoints)
-    )
-    return {"members": members, "checkpoints": checkpoints}
-
-
-def kernel_args(args: list[str], gpus: int) -> list[str]:
-    """The notebook's train.py flags: `args`, or, when none are given on a machine with several
-    usable GPUs (Kaggle's T4 x2), an ensemble of one member per GPU, trained at once."""
-    return ["--ensemble", str(gpus)] if not args and gpus > 1 else list(args)
-
-
-def usable_gpus() -> int:
-    """How many GPUs this torch build can train on (0 without CUDA, or on a GPU it lacks
-    kernels for, as a P100 under Kaggle's torch)."""
-    if not torch.cuda.is_available() or model.cuda_unsupported_reason() is not None:
-        return 0
-    return torch.cuda.device_count()
-
-
-def member_devices(device: str | None, members: int, gpus: int) -> list[str]:
-    """The GPUs that train ensemble members at once, one member on each at a time: every GPU
-    (up to one per member) when there are several and --device is unset or `cuda`; else none,
-    and the members train one after another on --device."""
-    if device not in (None, "cuda") or gpus < 2 or members < 2:
-        return []
-    return [f"cuda:{index}" for index in range(min(gpus, members))]
-
-
-def train_in_parallel(runs: list[dict], devices: list[str]) -> list[dict]:
-    """Train `runs` in one worker process per device (each takes the next run when its last
-    ends); their summaries in the order of `runs`. The first failure cancels the runs not
-    started and is raised."""
-    context = multiprocessing.get_context("spawn")  # CUDA cannot be used in forked processes
-    free = context.Queue()
-    for device in devices:
-        free.put(device)
-    pool = ProcessPoolExecutor(
-        len(devices), mp_context=context, initializer=_take_device, initargs=(free,)
-    )
-    with pool:
-        futures = [pool.submit(_train_on_my_device, run) for run in runs]
-        try:
-            return [future.result() for future in futures]
-        except BaseException:
-            pool.shutdown(cancel_futures=True)
-            raise
-
-
-_worker_device: list[str] = []  # the device of this worker process of train_in_parallel
-
-
-def _take_device(free) -> None:
-    _worker_device.append(free.get())
-
-
-def _train_on_my_device(run: dict) -> dict:
-    with redirect_stdout(LinePrefix(sys.stdout, f"[seed {run['seed']}] ")):
-        return train({**run, "device": _worker_device[0], "quiet": True})
-
-
-class LinePrefix(io.TextIOBase):
-    """A text stream that writes into `stream` with `prefix` before every line: which ensemble
-    member said what, when several train at once."""
-
-    def __init__(self, stream, prefix: str) -> None:
-        self.stream, self.prefix, self.line_start = stream, prefix, True
-
-    def write(self, text: str) -> int:
-        for piece in text.splitlines(keepends=True):
-            self.stream.write(self.prefix + piece if self.line_start else piece)
-            self.line_start = piece.endswith("\n")
-        return len(text)
-
-    def flush(self) -> None:
-        self.stream.flush()
-
-
 def resume_run(given: dict, ranks: ddp.Ranks = ddp.SINGLE) -> dict:
     """Continue the run a last.pt saved, as Config.resumed says."""
     path = Path(given["resume"])
@@ -1049,30 +641,16 @@ def resume_run(given: dict, ranks: ddp.Ranks = ddp.SINGLE) -> dict:
         raise UserError(f"{path}: not resumable (resume from last.pt, not best.pt)")
     model.model_from_checkpoint(last, path)  # incompatible weights fail here, at once
     cfg = Config.resumed(last["config"], given, path)
-    check_extension(cfg, last)
+    config.check_extension(cfg, last)
     if last["epoch"] >= cfg.epochs:
         print(f"{path}: training already finished ({last['epoch']} epochs)")
         return {}
     return train(asdict(cfg), resume=last, ranks=ranks)
 
 
-def check_extension(cfg: Config, last: dict) -> None:
-    """Refuse an --epochs that a resumed run cannot reach: fewer than it has trained, or more
-    or fewer than a schedule laid out for the whole run (onecycle, cosine, step) was made for."""
-    planned = last["config"]["epochs"]
-    if cfg.epochs < last["epoch"]:
-        raise UserError(f"--epochs {cfg.epochs}: {last['epoch']} epochs are trained already")
-    if cfg.epochs != planned and cfg.scheduler in ("onecycle", "cosine", "step"):
-        raise UserError(
-            f"--epochs {cfg.epochs}: the {cfg.scheduler} schedule of this run was laid out for "
-            f"{planned} epochs (extend runs trained with --scheduler plateau or none, or start a "
-            "new run)"
-        )
-
-
 def main(argv: list[str] | None = None) -> dict:
-    given = parse_args(argv)
-    check_flags(given)
+    given = config.parse_args(argv)
+    config.check_flags(given)
     settings = Config(**given)
     ranks = ddp.from_environment()
     if ranks.world > 1 and settings.ensemble > 1:
@@ -1090,7 +668,7 @@ def main(argv: list[str] | None = None) -> dict:
         if settings.resume is not None:
             return resume_run(given, ranks)
         if settings.ensemble > 1:
-            return train_ensemble(given)
+            return parallel.train_ensemble(given, train)
         return train(given, ranks=ranks)
 
 

@@ -20,6 +20,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import config
 import dataset
 import model
 import train
@@ -154,9 +155,9 @@ def open_storage(url: str, attempts: int = 5):
 def default_params(task: str, max_epochs: int) -> dict:
     """train.py's default recipe for `task` in the search's terms (its epochs at most
     `max_epochs`)."""
-    recipe, defaults = train.PRESETS["best"][task], train.Config()
-    width = {"strong": 32, "wide": 48}.get(recipe.arch, 32)  # model.strong's and model.wide's
-    optimizer_decay = train.OPTIMIZERS[defaults.optimizer][1].get("weight_decay", 0.01)
+    recipe, defaults = config.PRESETS["best"][task], config.Config()
+    width = model.first_width(recipe.arch)
+    optimizer_decay = config.OPTIMIZERS[defaults.optimizer][1].get("weight_decay", 0.01)
     return {
         "lr": recipe.lr,
         "batch_size": recipe.batch_size,
@@ -190,28 +191,27 @@ def progress_step(epoch: int, epochs: int) -> int:
 
 
 class Reporter:
-    """A train.Run watcher that reports the validation accuracy after each epoch to the trial,
-    at its progress step (the first epoch to reach a step reports it), and stops the trial when
-    the pruner says so."""
+    """A training run's watcher (train.Watcher) that reports the validation accuracy after each
+    epoch to the trial, at its progress step (the first epoch to reach a step reports it), and
+    stops the trial when the pruner says so."""
 
     def __init__(self, trial) -> None:
         self.trial, self.reported = trial, set()
 
-    def epoch(self, run, row: dict) -> None:
+    def epoch(self, row: dict, epochs: int) -> None:
         import optuna
 
-        step = progress_step(row["epoch"], run.cfg.epochs)
-        if step in self.reported or row["epoch"] == run.cfg.epochs:  # the last: nothing to save
+        step = progress_step(row["epoch"], epochs)
+        if step in self.reported or row["epoch"] == epochs:  # the last: nothing to save
             return
         self.reported.add(step)
         self.trial.report(row["val_acc"], step)
         if self.trial.should_prune():
             raise optuna.TrialPruned(
-                f"validation accuracy {row['val_acc']:.2%} at epoch {row['epoch']} of "
-                f"{run.cfg.epochs}"
+                f"validation accuracy {row['val_acc']:.2%} at epoch {row['epoch']} of {epochs}"
             )
 
-    def finish(self, run, summary: dict, best_epoch: int, val_logits) -> None:
+    def finish(self, end) -> None:
         """Nothing to add at the end: the objective returns the summary's figure."""
 
 

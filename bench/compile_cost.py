@@ -19,8 +19,8 @@ import time
 
 from common import ROOT, machine
 
+import config
 import model
-import train
 
 # One process: build the net, train `steps` steps (compiled or not), print the seconds of the
 # first step and the images/s of the rest.
@@ -63,9 +63,9 @@ def timed_child(args, steps: int, compiled: bool, path: str, cache: str) -> dict
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arch", default=train.DIGITS.arch)
-    p.add_argument("--images", type=int, default=9000 * train.DIGITS.epochs)
-    p.add_argument("--batch-size", type=int, default=train.DIGITS.batch_size)
+    p.add_argument("--arch", default=config.DIGITS.arch)
+    p.add_argument("--images", type=int, default=9000 * config.DIGITS.epochs)
+    p.add_argument("--batch-size", type=int, default=config.DIGITS.batch_size)
     args = p.parse_args()
     steps = args.images // args.batch_size
     paths = ["fp32", "bf16"] if model.cpu_has_native_bf16() else ["fp32"]

@@ -31,6 +31,7 @@ from common import SHARED, machine, timed
 from study_archs import STUDY
 
 import dataset
+import parallel
 import predict
 import train
 
@@ -94,7 +95,7 @@ def run_split(data, test_rows: np.ndarray, folder: Path, args) -> dict:
     seconds, _ = timed(partial(train.main, flags))
     members = [str(folder / "best.pt")]
     if args.ensemble > 1:
-        members = [str(train.member_dir(folder, s) / "best.pt") for s in range(args.ensemble)]
+        members = [str(parallel.member_dir(folder, s) / "best.pt") for s in range(args.ensemble)]
     single = [
         scored_with_calibration([m], test_csv, folder / f"report{k}", False)
         for k, m in enumerate(members)

@@ -52,10 +52,10 @@ print(json.dumps({"loop_s": loop, "rows": len(ds)}))
 OUR_LOOP = """
 import json, sys, time
 sys.path.insert(0, sys.argv[1])
-import dataset, export, model, predict
+import dataset, model, onnx_model, predict
 data = dataset.load_csv(sys.argv[2])
 if sys.argv[5] == "onnx":
-    ens = export.OnnxEnsemble(sys.argv[3])
+    ens = onnx_model.OnnxEnsemble(sys.argv[3])
 else:
     ens = predict.Ensemble([sys.argv[3]], *model.setup_device(sys.argv[4], sys.argv[5]))
 t = time.perf_counter()

@@ -68,6 +68,12 @@ def read_csv(path: Path) -> list[list[str]]:
         return list(csv.reader(f))
 
 
+def timeless(rows: list[list[str]]) -> list[list[str]]:
+    """A history without its clock columns (seconds, images/s), which differ between runs."""
+    keep = [i for i, name in enumerate(rows[0]) if name not in ("seconds", "images_per_s")]
+    return [[row[i] for i in keep] for row in rows]
+
+
 def differences(a: Path, b: Path) -> list[str]:
     """What differs between two runs' outputs (nothing, for a refactor)."""
     found = []
@@ -88,8 +94,8 @@ def differences(a: Path, b: Path) -> list[str]:
             ]
         if ckpt_a["epoch"] != ckpt_b["epoch"]:
             found.append(f"{name}: epoch {ckpt_a['epoch']} against {ckpt_b['epoch']}")
-    history_a, history_b = (read_csv(d / "outputs" / "history.csv") for d in (a, b))
-    if [r[:-1] for r in history_a] != [r[:-1] for r in history_b]:  # the last column: seconds
+    history_a, history_b = (timeless(read_csv(d / "outputs" / "history.csv")) for d in (a, b))
+    if history_a != history_b:
         found.append("history.csv differs")
     if read_csv(a / "submission.csv") != read_csv(b / "submission.csv"):
         found.append("submission.csv differs")

@@ -53,7 +53,7 @@ import json, sys, time
 sys.path[:0] = [sys.argv[1], sys.argv[2]]
 import pandas as pd, torch
 from torch.utils.data import DataLoader
-import dataset, model, predict
+import cli, dataset, model, predict
 from peer_seed import CNN, CSVDataset
 device, precision = model.setup_device(sys.argv[5], sys.argv[6])
 ds = CSVDataset(pd.read_csv(sys.argv[3]))
@@ -65,7 +65,7 @@ with torch.no_grad():
 peer = len(ds) / (time.perf_counter() - t)
 images = dataset.load_csv(sys.argv[3]).images
 ens = predict.Ensemble([sys.argv[4]], device, precision)
-ens.predict_proba(images[:dataset.EVAL_BATCH_SIZE])  # first-call set-up, as the peer pays
+ens.predict_proba(images[:cli.EVAL_BATCH_SIZE])  # first-call set-up, as the peer pays
 t = time.perf_counter()
 ens.predict_proba(images)
 print(json.dumps({"peer": peer, "project": len(images) / (time.perf_counter() - t)}))

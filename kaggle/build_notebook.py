@@ -13,6 +13,7 @@ kernel the data comes from /kaggle/input and everything is written under /kaggle
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import sys
 from pathlib import Path
@@ -20,7 +21,6 @@ from pathlib import Path
 KAGGLE_DIR = Path(__file__).resolve().parent
 ROOT = KAGGLE_DIR.parent
 NOTEBOOK = KAGGLE_DIR / "mnist-csv-pipeline.ipynb"
-MODULES = tuple(sorted(path.name for path in ROOT.glob("*.py")))  # every top-level module
 
 INTRO = """\
 # MNIST CSV pipeline
@@ -78,9 +78,10 @@ dataset.explore(dataset.find_data("train", announce=False), OUT)
 show(OUT / "sample_images.png", OUT / "class_distribution.png", OUT / "augmented_digits.png")"""
 
 TRAIN = """\
+import parallel
 import train
 
-summary = train.main(train.kernel_args(TRAIN_ARGS, train.usable_gpus()))
+summary = train.main(parallel.kernel_args(TRAIN_ARGS, parallel.usable_gpus()))
 CHECKPOINTS = summary.get("checkpoints", [])  # an ensemble's members
 show(OUT / "training_curves.png", *sorted(OUT.glob("seed*/training_curves.png")))"""
 
@@ -119,10 +120,33 @@ def code(text: str, tags: tuple[str, ...] = ()) -> dict:
     }
 
 
+def project_imports(source: str) -> set[str]:
+    """The project's modules (top-level files of the repository) that `source` imports,
+    anywhere in it."""
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+    return {f"{name}.py" for name in names if (ROOT / f"{name}.py").is_file()}
+
+
+def carried_modules() -> list[str]:
+    """The modules the pipeline's cells import, and the modules those import, in turn."""
+    carried, todo = set(), project_imports("\n".join((EXPLORE, TRAIN, PREDICT)))
+    while todo:
+        name = todo.pop()
+        carried.add(name)
+        todo |= project_imports((ROOT / name).read_text()) - carried
+    return sorted(carried)
+
+
 def build() -> dict:
     """The notebook as nbformat 4 JSON, from the modules as they are now."""
     modules = [
-        code(f"%%writefile {{PROJECT}}/{name}\n" + (ROOT / name).read_text()) for name in MODULES
+        code(f"%%writefile {{PROJECT}}/{name}\n" + (ROOT / name).read_text())
+        for name in carried_modules()
     ]
     cells = [
         markdown(INTRO),

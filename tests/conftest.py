@@ -1,4 +1,5 @@
-"""Shared fixtures: small CSVs in Kaggle's layouts written into tmp_path."""
+"""What the tests share: the bundled sample's paths, the flags of a short training run, one
+model trained on the sample, and small CSVs in Kaggle's layouts written into tmp_path."""
 
 from __future__ import annotations
 
@@ -10,8 +11,30 @@ import pytest
 import dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-
 SHARED_DATA = ROOT.parent / "shared" / "data"
+SAMPLE_TRAIN = str(dataset.SAMPLE_DIR / "mnist_train.csv.gz")
+SAMPLE_TEST = str(dataset.SAMPLE_DIR / "mnist_test.csv.gz")
+
+
+def run_flags(folder: Path, *extra: str) -> list[str]:
+    """train.py flags for a short run on the CPU writing under `folder` (models/, out/), with
+    no figures and no progress, then `extra`."""
+    where = ["--model-dir", str(folder / "models"), "--out-dir", str(folder / "out")]
+    return ["--device", "cpu", "--no-plots", "--quiet", *where, *extra]
+
+
+@pytest.fixture(scope="session")
+def sample_model(tmp_path_factory) -> str:
+    """best.pt of `basic` trained 4 epochs on the sample (seed 0, deterministic): the model
+    the tests that predict, export or serve share."""
+    import train
+
+    folder = tmp_path_factory.mktemp("sample-model")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MNIST_CACHE_DIR", str(folder / "cache"))
+        flags = ["--train", SAMPLE_TRAIN, "--arch", "basic", "--epochs", "4", "--deterministic"]
+        train.main(run_flags(folder, *flags))
+    return str(folder / "models" / "best.pt")
 
 
 def make_table(n: int, labelled: bool = True, seed: int = 0) -> np.ndarray:

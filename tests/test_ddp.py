@@ -12,24 +12,20 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, SAMPLE_TEST, SAMPLE_TRAIN, run_flags
 
 import dataset
 import ddp
 import model
+import parallel
 import predict
 import train
 from cli import UserError
 
-SAMPLE_TRAIN = str(ROOT / "data" / "sample" / "mnist_train.csv.gz")
-SAMPLE_TEST = str(ROOT / "data" / "sample" / "mnist_test.csv.gz")
-
 
 def flags(folder, *extra: str) -> list[str]:
-    """A short run on the sample on the CPU, writing under `folder`."""
-    where = ["--model-dir", str(folder / "models"), "--out-dir", str(folder / "out")]
-    pinned = ["--device", "cpu", "--no-plots", "--quiet", "--train", SAMPLE_TRAIN]
-    return [*pinned, "--test", SAMPLE_TEST, *where, *extra]
+    """A short run on the sample, scored on its test CSV, writing under `folder`."""
+    return run_flags(folder, "--train", SAMPLE_TRAIN, "--test", SAMPLE_TEST, *extra)
 
 
 def torchrun(args: list[str], **kwargs) -> subprocess.Popen:
@@ -171,32 +167,32 @@ def test_ensemble_is_refused_under_torchrun(monkeypatch, tmp_path):
     ],
 )
 def test_ensemble_members_spread_over_the_gpus(device, members, gpus, expected):
-    assert train.member_devices(device, members, gpus) == expected
+    assert parallel.member_devices(device, members, gpus) == expected
 
 
 def test_usable_gpus_counts_the_gpus_torch_can_run(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(model, "cuda_unsupported_reason", lambda index=0: None)
-    assert train.usable_gpus() == 2
+    assert parallel.usable_gpus() == 2
     monkeypatch.setattr(model, "cuda_unsupported_reason", lambda index=0: "sm_60 (a P100)")
-    assert train.usable_gpus() == 0
+    assert parallel.usable_gpus() == 0
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert train.usable_gpus() == 0
+    assert parallel.usable_gpus() == 0
 
 
 def test_two_gpus_train_the_members_at_once(monkeypatch, tmp_path, capfd):
     """With two GPUs faked, --ensemble 3 goes to train_in_parallel with both (stood in for by
     CPU worker processes), and the members come back in seed order."""
-    monkeypatch.setattr(train, "usable_gpus", lambda: 2)
+    monkeypatch.setattr(parallel, "usable_gpus", lambda: 2)
     given = {}
 
-    def on_cpu(runs, devices):
+    def on_cpu(runs, devices, train_one):
         given["devices"] = devices
-        return real(runs, ["cpu"] * len(devices))
+        return real(runs, ["cpu"] * len(devices), train_one)
 
-    real = train.train_in_parallel
-    monkeypatch.setattr(train, "train_in_parallel", on_cpu)
+    real = parallel.train_in_parallel
+    monkeypatch.setattr(parallel, "train_in_parallel", on_cpu)
     args = flags(tmp_path, "--arch", "basic", "--epochs", "1", "--max-rows", "400")
     summary = train.main([*args, "--ensemble", "3", "--device", "cuda"])
     assert given["devices"] == ["cuda:0", "cuda:1"]
@@ -224,4 +220,4 @@ def test_two_gpus_train_the_members_at_once(monkeypatch, tmp_path, capfd):
     ],
 )
 def test_the_notebook_trains_one_member_per_gpu_unless_told_otherwise(args, gpus, expected):
-    assert train.kernel_args(args, gpus) == expected
+    assert parallel.kernel_args(args, gpus) == expected

@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import ROOT
 
+import config
 import model
 import predict
 import train
@@ -167,13 +168,13 @@ def test_the_precision_variable_sets_the_default_of_both_clis(monkeypatch, varia
         monkeypatch.delenv(model.PRECISION_ENV, raising=False)
     else:
         monkeypatch.setenv(model.PRECISION_ENV, variable)
-    trained = train.Config(**train.parse_args([])).precision
+    trained = config.Config(**config.parse_args([])).precision
     assert (trained, predict.parse_args([]).precision) == (default, default)
 
 
 def test_the_precision_flag_wins_over_the_variable(monkeypatch):
     monkeypatch.setenv(model.PRECISION_ENV, "fp32")
-    assert train.Config(**train.parse_args(["--precision", "bf16"])).precision == "bf16"
+    assert config.Config(**config.parse_args(["--precision", "bf16"])).precision == "bf16"
 
 
 @pytest.mark.parametrize("cli", [train.main, predict.main])

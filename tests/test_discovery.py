@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from conftest import csv_text, make_table
 
+import config
 import dataset
 import predict
 import train
@@ -68,7 +69,7 @@ def test_kaggle_working_root_moves_every_default_output(monkeypatch):
     monkeypatch.setenv("KAGGLE_WORKING_ROOT", "/elsewhere")
     options = predict.parse_args([])
     outputs = {
-        "models": train.Config(**train.parse_args([])).model_dir,
+        "models": config.Config(**config.parse_args([])).model_dir,
         "checkpoint": options.checkpoint,
         "submission": options.output,
         "report": options.report_dir,

@@ -12,18 +12,18 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import SAMPLE_TEST, SAMPLE_TRAIN
 
 import dataset
 import export
 import model
+import onnx_model
+import parallel
 import predict
 import train
 from cli import run_cli
 
 pytestmark = pytest.mark.numerics
-
-SAMPLE_TRAIN = str(dataset.SAMPLE_DIR / "mnist_train.csv.gz")
-SAMPLE_TEST = str(dataset.SAMPLE_DIR / "mnist_test.csv.gz")
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def checkpoints(tmp_path_factory) -> list[str]:
     root = tmp_path_factory.mktemp("models")
     paths = []
     for seed, arch in ((0, "basic"), (1, "strong")):
-        out = train.member_dir(root, seed)
+        out = parallel.member_dir(root, seed)
         flags = ["--train", SAMPLE_TRAIN, "--arch", arch, "--epochs", "2", "--max-rows", "1500"]
         flags += ["--seed", str(seed), "--no-plots", "--quiet", "--device", "cpu"]
         train.main([*flags, "--model-dir", str(out), "--out-dir", str(out)])
@@ -124,10 +124,10 @@ def test_the_report_of_an_export_tells_the_same_story(tmp_path, exported):
 
 def test_the_leak_guard_works_from_the_export(exported, checkpoints):
     images = dataset.load_csv(SAMPLE_TRAIN).images[:300]
-    onnx_model = export.OnnxEnsemble(exported["both"])
+    onnx_models = onnx_model.OnnxEnsemble(exported["both"])
     pt_models = predict.Ensemble(checkpoints, torch.device("cpu"), predict.EXPORT_PRECISION)
-    assert onnx_model.seen_in_training(images) == pt_models.seen_in_training(images)
-    assert onnx_model.seen_in_training(images)["seen"] == 300
+    assert onnx_models.seen_in_training(images) == pt_models.seen_in_training(images)
+    assert onnx_models.seen_in_training(images)["seen"] == 300
 
 
 def test_an_export_that_does_not_match_pytorch_is_not_written(
@@ -176,7 +176,7 @@ def test_bad_exports_get_one_line_and_exit_2(
     _foreign_onnx(tmp_path / "foreign.onnx")
     (tmp_path / "corrupt.onnx").write_bytes(b"\x08\x07garbage" * 40)
     damaged = onnx.load(exported["one"])
-    onnx.helper.set_model_props(damaged, {"format": export.FORMAT, "models": '[{"arch": 1}]'})
+    onnx.helper.set_model_props(damaged, {"format": onnx_model.FORMAT, "models": '[{"arch": 1}]'})
     onnx.save(damaged, tmp_path / "damaged.onnx")
     args = [f.format(folder=tmp_path, pt=checkpoints[0], onnx=exported["one"]) for f in flags]
     with pytest.raises(SystemExit) as exit_info:

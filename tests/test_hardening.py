@@ -19,7 +19,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, csv_text
+from conftest import ROOT, SAMPLE_TEST, SAMPLE_TRAIN, csv_text, run_flags
 from PIL import Image
 
 import dataset
@@ -30,8 +30,6 @@ import train
 from atomic import atomic_write
 from cli import MAX_ERROR_CHARS, UserError, run_cli
 
-SAMPLE_TRAIN = dataset.SAMPLE_DIR / "mnist_train.csv.gz"
-SAMPLE_TEST = dataset.SAMPLE_DIR / "mnist_test.csv.gz"
 HEADER = dataset.LAYOUTS["mnist-in-csv"][0]
 
 
@@ -63,8 +61,7 @@ def run(main, argv: list[str], capsys) -> tuple[int, str]:
 
 
 def quick(folder, *extra: str) -> list[str]:
-    where = ["--model-dir", str(folder / "models"), "--out-dir", str(folder / "out")]
-    return ["--device", "cpu", "--deterministic", "--quiet", "--no-plots", *where, *extra]
+    return run_flags(folder, "--deterministic", *extra)
 
 
 # ---------------------------------------------------------------- 1. small training sets

@@ -13,7 +13,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from conftest import make_table
+from conftest import SAMPLE_TEST, SAMPLE_TRAIN, make_table, run_flags
 from PIL import Image
 
 import dataset
@@ -25,26 +25,20 @@ from cli import run_cli
 
 pytestmark = pytest.mark.numerics
 
-SAMPLE_TRAIN = str(dataset.SAMPLE_DIR / "mnist_train.csv.gz")
-SAMPLE_TEST = str(dataset.SAMPLE_DIR / "mnist_test.csv.gz")
 PRECISION_NAME = model.default_precision()
 PRECISION = model.precision_for(torch.device("cpu"), PRECISION_NAME)
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> list[str]:
-    """Two small basic models trained on the bundled sample with different seeds."""
-    root = tmp_path_factory.mktemp("models")
-    paths = []
+def checkpoints(sample_model, tmp_path_factory) -> list[str]:
+    """Two small basic models trained on the bundled sample with different seeds: the shared
+    sample model (seed 0) and its seed-1 twin."""
+    folder = tmp_path_factory.mktemp("seed1")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MNIST_CACHE_DIR", str(root / "cache"))
-        for seed in (0, 1):
-            out = train.member_dir(root, seed)
-            flags = ["--train", SAMPLE_TRAIN, "--arch", "basic", "--epochs", "4"]
-            flags += ["--seed", str(seed), "--no-plots", "--quiet", "--device", "cpu"]
-            train.main([*flags, "--deterministic", "--model-dir", str(out), "--out-dir", str(out)])
-            paths.append(str(out / "best.pt"))
-    return paths
+        mp.setenv("MNIST_CACHE_DIR", str(folder / "cache"))
+        flags = ["--train", SAMPLE_TRAIN, "--arch", "basic", "--epochs", "4", "--deterministic"]
+        train.main(run_flags(folder, *flags, "--seed", "1"))
+    return [sample_model, str(folder / "models" / "best.pt")]
 
 
 def read_rows(path) -> list[dict]:
@@ -154,18 +148,18 @@ def dot() -> torch.Tensor:
 
 
 def test_tta_views_start_with_the_image_itself(dot):
-    views = predict.tta_views(dot)
+    views = dataset.tta_views(dot)
     assert len(views) == 7
     assert torch.equal(views[0], dot)
 
 
 def test_tta_views_shift_the_image_a_pixel_four_ways(dot):
-    moved = {tuple(torch.nonzero(v[0, 0])[0].tolist()) for v in predict.tta_views(dot)[1:5]}
+    moved = {tuple(torch.nonzero(v[0, 0])[0].tolist()) for v in dataset.tta_views(dot)[1:5]}
     assert moved == {(10, 21), (10, 19), (11, 20), (9, 20)}
 
 
 def test_tta_for_a_model_trained_on_mirrors_mirrors_instead_of_rotating(dot):
-    views = predict.tta_views(dot, mirror=True)
+    views = dataset.tta_views(dot, mirror=True)
     assert len(views) == 6
     assert torch.equal(views[5], dot.flip(-1))
 
@@ -174,7 +168,7 @@ def test_tta_for_a_model_trained_on_mirrors_mirrors_instead_of_rotating(dot):
 def test_tta_rotations_tilt_a_stroke_and_keep_its_ink(degrees):
     bar = torch.zeros(1, 1, 28, 28)
     bar[0, 0, 4:24, 13:15] = 1  # a vertical stroke
-    rotated = predict.rotate(bar, degrees)[0, 0]
+    rotated = dataset.rotate(bar, degrees)[0, 0]
     columns = torch.arange(28, dtype=torch.float32)
     top, bottom = (
         (rows.sum(0) * columns).sum() / rows.sum() for rows in (rotated[4:8], rotated[20:24])
@@ -231,11 +225,14 @@ def test_the_report_scores_the_submission(evaluated):
     )
 
 
-def test_the_confusion_matrix_counts_every_row_by_its_true_class(evaluated):
-    _, report_dir, _ = evaluated
+def test_the_confusion_matrix_counts_every_row_by_its_truth_and_its_prediction(evaluated):
+    _, report_dir, folder = evaluated
     cm = np.array(json.loads((report_dir / "metrics.json").read_text())["confusion_matrix"])
-    truth = np.bincount(dataset.load_csv(SAMPLE_TEST).labels, minlength=10)
-    np.testing.assert_array_equal(cm.sum(1), truth)
+    truth = dataset.load_csv(SAMPLE_TEST).labels
+    predicted = np.array([int(r["Label"]) for r in read_rows(folder / "sub.csv")])
+    expected = np.zeros((10, 10), dtype=np.int64)
+    np.add.at(expected, (truth, predicted), 1)
+    np.testing.assert_array_equal(cm, expected)
 
 
 def test_the_report_names_its_input_and_checkpoints(evaluated, checkpoints):

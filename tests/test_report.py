@@ -73,9 +73,16 @@ def test_log_loss_is_the_mean_negative_log_probability_of_the_truth(metrics):
     assert metrics["log_loss"] == pytest.approx(expected)
 
 
-def test_macro_and_weighted_averages_are_there(metrics):
-    assert 0 < metrics["macro_avg"]["f1"] < 1
-    assert 0 < metrics["weighted_avg"]["f1"] < 1
+def test_macro_and_weighted_f1_average_each_class_f1(metrics):
+    """F1 of a class is 2 TP / (2 TP + FP + FN); with 20 rows a class, both averages agree."""
+    f1 = []
+    for c in range(10):
+        fn = sum(n for (t, _), n in MISTAKES.items() if t == c)
+        fp = sum(n for (_, p), n in MISTAKES.items() if p == c)
+        f1.append(2 * (20 - fn) / (2 * (20 - fn) + fp + fn))
+    assert metrics["macro_avg"]["f1"] == pytest.approx(np.mean(f1))
+    assert metrics["weighted_avg"]["f1"] == pytest.approx(np.mean(f1))
+    assert metrics["per_class"]["3"]["f1"] == pytest.approx(f1[3])
 
 
 def test_the_summary_prints_the_report_and_the_most_confused_pairs(metrics, capsys):

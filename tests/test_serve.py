@@ -21,20 +21,14 @@ import dataset
 import images
 import predict
 import serve
-import train
 from cli import UserError
 
 pytestmark = pytest.mark.numerics
 
-SAMPLE_TRAIN = str(dataset.SAMPLE_DIR / "mnist_train.csv.gz")
-
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> str:
-    folder = tmp_path_factory.mktemp("model")
-    flags = ["--train", SAMPLE_TRAIN, "--arch", "basic", "--epochs", "3", "--no-plots", "--quiet"]
-    train.main([*flags, "--device", "cpu", "--model-dir", str(folder), "--out-dir", str(folder)])
-    return str(folder / "best.pt")
+def checkpoint(sample_model) -> str:
+    return sample_model
 
 
 @pytest.fixture(scope="module")

@@ -7,29 +7,16 @@ import builtins
 import sys
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, SAMPLE_TRAIN, run_flags
 
 import tensorboard_log
 import train
 from cli import UserError
 
-SAMPLE_TRAIN = str(ROOT / "data" / "sample" / "mnist_train.csv.gz")
-
 
 def run_args(folder, *extra: str) -> list[str]:
-    where = ["--model-dir", str(folder / "models"), "--out-dir", str(folder / "out")]
     recipe = ["--arch", "basic", "--epochs", "3", "--max-rows", "600", "--scheduler", "plateau"]
-    return [
-        "--train",
-        SAMPLE_TRAIN,
-        "--device",
-        "cpu",
-        "--no-plots",
-        "--quiet",
-        *where,
-        *recipe,
-        *extra,
-    ]
+    return run_flags(folder, "--train", SAMPLE_TRAIN, *recipe, *extra)
 
 
 def read_events(run_dir):

@@ -18,25 +18,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, make_table
+from conftest import ROOT, SAMPLE_TEST, SAMPLE_TRAIN, make_table, run_flags
 
+import config
 import dataset
 import model
+import parallel
 import train
 from cli import run_cli
 
 pytestmark = pytest.mark.numerics
 
-SAMPLE_TRAIN = str(dataset.SAMPLE_DIR / "mnist_train.csv.gz")
-SAMPLE_TEST = str(dataset.SAMPLE_DIR / "mnist_test.csv.gz")
 RECIPE = ("arch", "epochs", "batch_size", "lr", "augment")
 
 
 def quick_args(folder, *extra: str) -> list[str]:
-    """Flags for a short run on the sample, on the CPU, writing under `folder`."""
-    where = ["--model-dir", str(folder / "models"), "--out-dir", str(folder / "out")]
-    pinned = ["--device", "cpu", "--deterministic", "--no-plots", "--quiet"]
-    return ["--train", SAMPLE_TRAIN, *pinned, *where, *extra]
+    """Flags for a short deterministic run on the sample, writing under `folder`."""
+    return run_flags(folder, "--train", SAMPLE_TRAIN, "--deterministic", *extra)
 
 
 @pytest.fixture(scope="module")
@@ -107,21 +105,30 @@ def test_the_network_rebuilt_from_a_checkpoint_computes_what_it_did(one_epoch):
     torch.testing.assert_close(model.model_from_checkpoint(ckpt).eval()(x), reference.eval()(x))
 
 
+def first_300_split() -> tuple[int, int]:
+    """The training and validation rows of the sample's first 300 rows, split as a run does."""
+    labels = dataset.load_csv(SAMPLE_TRAIN).labels[:300]
+    train_rows, val_rows = dataset.stratified_split(labels, 0.1, seed=0)
+    assert len(val_rows) in (29, 30, 31)  # 10%, stratified: rounded per class
+    return len(train_rows), len(val_rows)
+
+
 def test_best_pt_holds_its_history_and_training_data_for_the_report(one_epoch):
     ckpt = model.load_checkpoint(one_epoch["best"])
     assert [row["epoch"] for row in ckpt["history"]] == [1]
-    assert ckpt["data"] == {"source": SAMPLE_TRAIN, "train_rows": 270, "val_rows": 30}
+    train_rows, val_rows = first_300_split()
+    assert ckpt["data"] == {"source": SAMPLE_TRAIN, "train_rows": train_rows, "val_rows": val_rows}
 
 
 def test_last_pt_holds_what_resuming_needs(one_epoch):
     last = model.load_checkpoint(one_epoch["last"])
-    assert {"optimizer", "scheduler", "scaler", "rng", "history", "best_val_acc"} <= last.keys()
+    assert {"optimizer", "scheduler", "scaler", "rng", "history", "epoch"} <= last.keys()
 
 
 def test_the_fingerprint_holds_a_hash_of_each_row_the_run_learned_from(one_epoch):
     fingerprint = model.load_checkpoint(one_epoch["best"])["seen_rows"]
     rows = dataset.load_csv(SAMPLE_TRAIN).images[:300]
-    assert (len(fingerprint["train"]), len(fingerprint["val"])) == (270, 30)
+    assert (len(fingerprint["train"]), len(fingerprint["val"])) == first_300_split()
     seen = {*fingerprint["train"].tolist(), *fingerprint["val"].tolist()}
     assert seen == set(dataset.row_hashes(rows).view(np.int64).tolist())
 
@@ -157,14 +164,14 @@ def test_an_ensemble_writes_each_member_into_its_own_folders(ensemble):
     summary, folder, _ = ensemble
     assert len(summary["members"]) == 2
     for seed in (5, 6):
-        assert (train.member_dir(folder / "models", seed) / "best.pt").is_file()
-        assert (train.member_dir(folder / "out", seed) / "metrics.json").is_file()
+        assert (parallel.member_dir(folder / "models", seed) / "best.pt").is_file()
+        assert (parallel.member_dir(folder / "out", seed) / "metrics.json").is_file()
 
 
 def test_ensemble_members_are_seeded_differently(ensemble):
     _, folder, _ = ensemble
     a, b = (
-        model.load_checkpoint(train.member_dir(folder / "models", s) / "best.pt") for s in (5, 6)
+        model.load_checkpoint(parallel.member_dir(folder / "models", s) / "best.pt") for s in (5, 6)
     )
     assert (a["config"]["seed"], b["config"]["seed"]) == (5, 6)
     assert not torch.equal(a["state_dict"]["0.weight"], b["state_dict"]["0.weight"])
@@ -192,31 +199,33 @@ def test_an_ensemble_prints_the_command_that_predicts_with_it(ensemble):
     ],
 )
 def test_the_recipe_follows_preset_and_task_and_a_given_flag_wins(flags, task, expected):
-    cfg = train.Config.for_task(train.parse_args(flags), task)
+    cfg = config.Config.for_task(config.parse_args(flags), task)
     assert tuple(getattr(cfg, key) for key in RECIPE) == expected
 
 
 def test_the_config_defaults_are_the_digit_recipe():
-    assert tuple(getattr(train.Config(), key) for key in RECIPE) == ("strong", 15, 128, 3e-3, True)
+    assert tuple(getattr(config.Config(), key) for key in RECIPE) == ("strong", 15, 128, 3e-3, True)
 
 
 def test_help_shows_what_each_preset_makes_of_a_recipe_flag(capsys):
     with pytest.raises(SystemExit):
-        train.parse_args(["--help"])
+        config.parse_args(["--help"])
     assert "best: 15, Fashion-MNIST 20; fast: 6" in " ".join(capsys.readouterr().out.split())
 
 
 def test_a_resumed_run_keeps_its_settings_but_runs_as_told_here():
-    saved = asdict(train.Config(epochs=7, seed=3, device="cpu", model_dir="runs/a"))
-    given = train.parse_args(["--resume", "runs/a/last.pt", "--quiet"])
-    cfg = train.Config.resumed(saved, given, Path("runs/a/last.pt"))
+    saved = asdict(config.Config(epochs=7, seed=3, device="cpu", model_dir="runs/a"))
+    given = config.parse_args(["--resume", "runs/a/last.pt", "--quiet"])
+    cfg = config.Config.resumed(saved, given, Path("runs/a/last.pt"))
     assert (cfg.epochs, cfg.seed) == (7, 3)  # the run's own
     assert (cfg.device, cfg.quiet, cfg.resume) == (None, True, "runs/a/last.pt")  # this machine's
 
 
 def test_a_setting_newer_than_a_checkpoint_gets_its_default():
-    saved = {key: value for key, value in asdict(train.Config(epochs=7)).items() if key != "preset"}
-    assert train.Config.resumed(saved, {}, Path("last.pt")).preset == "best"
+    saved = {
+        key: value for key, value in asdict(config.Config(epochs=7)).items() if key != "preset"
+    }
+    assert config.Config.resumed(saved, {}, Path("last.pt")).preset == "best"
 
 
 @pytest.fixture(scope="module")
@@ -388,14 +397,14 @@ def progress_lines(tmp_path, monkeypatch, capsys, *extra: str) -> list[str]:
     monkeypatch.setattr(train, "PROGRESS_SECONDS", 0.0)
     args = [a for a in quick_args(tmp_path, "--arch", "basic", "--epochs", "1") if a != "--quiet"]
     train.main([*args, "--max-rows", "1000", "--batch-size", "100", *extra])
-    return [line for line in capsys.readouterr().err.splitlines() if "left in the epoch" in line]
+    return [line for line in capsys.readouterr().err.splitlines() if " images/s  " in line]
 
 
 def test_outside_a_terminal_progress_is_a_line_within_the_epoch(tmp_path, monkeypatch, capsys):
     lines = progress_lines(tmp_path, monkeypatch, capsys)
     # 900 training rows in batches of 100: a line after each of batches 1..8, none after the last
     assert [line.split("  ")[1] for line in lines] == [f"batch {i}/9" for i in range(1, 9)]
-    assert all(line.startswith("epoch 1/1  ") and " images/s  " in line for line in lines)
+    assert all(line.startswith("epoch 1/1  ") and line.endswith("s left") for line in lines)
 
 
 def test_quiet_shows_no_progress_lines(tmp_path, monkeypatch, capsys):

@@ -13,12 +13,10 @@ import time
 
 import optuna
 import pytest
-from conftest import ROOT
+from conftest import ROOT, SAMPLE_TRAIN
 
-import train
+import config
 import tune
-
-SAMPLE_TRAIN = str(ROOT / "data" / "sample" / "mnist_train.csv.gz")
 
 
 def tune_args(folder, *extra: str) -> list[str]:
@@ -60,7 +58,7 @@ def test_a_tiny_search_prunes_a_trailing_trial_and_reports_the_best(tmp_path, mo
     # the best trial's command is train.py's, with the trial's settings
     command = shlex.split(summary["command"])
     assert command[:2] == ["python", "train.py"]
-    given = train.parse_args(command[2:])
+    given = config.parse_args(command[2:])
     assert given["lr"] == pytest.approx(good["lr"]) and given["width"] == 16
     assert not given["augment"]
     assert summary["command"] in capsys.readouterr().out
