@@ -1,6 +1,7 @@
 """What every command-line entry point shares: the one-line user error, an argument parser that
 shows every default, running a main function with clean exits (errors, Ctrl-C, SIGTERM, a closed
-pipe), where outputs go by default, and the batch size of forward passes without gradients."""
+pipe), where outputs go by default, the batch size of forward passes without gradients, and
+progress lines for where a bar cannot redraw."""
 
 from __future__ import annotations
 

@@ -30,8 +30,11 @@ out. Add the dataset **oddrationale/mnist-in-csv** (or the **Digit Recognizer** 
 turn the GPU on, and run all: the notebook explores the data, trains (on the GPU when there is one),
 evaluates and predicts, and writes to `/kaggle/working`:
 
-- `models/best.pt`, `models/last.pt`: the checkpoints;
-- `submissions/submission.csv`: `ImageId,Label`, ready for the Digit Recognizer competition;
+- `models/best.pt`, `models/last.pt`: the checkpoints (on two T4s with no `TRAIN_ARGS`, an
+  ensemble of two in `models/seed0/` and `models/seed1/`);
+- `submissions/submission.csv`: `ImageId,Label`, one row per test row: with mnist-in-csv the
+  10,000 MNIST test digits (scored in the report, not a competition submission); with the Digit
+  Recognizer competition's data its 28,000 `test.csv` rows, ready to submit;
 - `outputs/`: training curves, history and exploration figures; `outputs/report/report.html`: the
   evaluation report.
 
@@ -97,11 +100,12 @@ show(*(REPORT / f"{name}.png" for name in FIGURES))"""
 SUBMIT = """\
 ## Submit
 
-`/kaggle/working/submissions/submission.csv` is in the Digit Recognizer format. With the
-competition's data added to this notebook, submit it from the notebook's Output tab, or from a
-machine with the Kaggle API:
+`/kaggle/working/submissions/submission.csv` is in the Digit Recognizer format (`ImageId,Label`).
+With the competition's data added to this notebook it holds the 28,000 rows of its `test.csv`:
+submit it from the notebook's Output tab, or download the Output and submit from a machine with
+the Kaggle API:
 
-    kaggle competitions submit -c digit-recognizer -f submission.csv -m "MNIST CSV pipeline"
+    kaggle competitions submit -c digit-recognizer -f submissions/submission.csv -m "my run"
 """
 
 
