@@ -271,23 +271,23 @@ def add_optimization_arguments(group, value) -> None:
     )
 
 
-# The numeric flags' ranges: (lowest, highest, whether the highest is allowed, an example).
+# The numeric flags' ranges: (lowest, highest, whether the highest is allowed).
 RANGES = {
-    "epochs": (1, math.inf, False, None),
-    "batch_size": (1, math.inf, False, None),
-    "ensemble": (1, math.inf, False, None),
-    "max_rows": (dataset.MIN_TRAIN_ROWS, math.inf, False, None),
-    "val_split": (0, 1, False, 0.1),
-    "label_smoothing": (0, 1, False, None),
-    "weight_decay": (0, 1.0, True, None),
-    "augment_strength": (0, 3.0, True, None),
-    "width": (1, model.MAX_WIDTH, True, None),
+    "epochs": (1, math.inf, False),
+    "batch_size": (1, math.inf, False),
+    "ensemble": (1, math.inf, False),
+    "max_rows": (dataset.MIN_TRAIN_ROWS, math.inf, False),
+    "val_split": (0, 1, False),
+    "label_smoothing": (0, 1, False),
+    "weight_decay": (0, 1.0, True),
+    "augment_strength": (0, 3.0, True),
+    "width": (1, model.MAX_WIDTH, True),
 }
 
 
 def range_problem(name: str, value: float) -> str | None:
     """Why `value` is outside the range of the flag `name`, or None."""
-    low, high, closed = RANGES[name][:3]
+    low, high, closed = RANGES[name]
     if name == "val_split" and not low < value < high:
         return "must be between 0 and 1 (for example 0.1)"
     if value >= low and (value <= high if closed else value < high):
