@@ -271,11 +271,14 @@ def add_optimization_arguments(group, value) -> None:
     )
 
 
+MAX_SEED = 2**32 - 1  # numpy's and torch's seeds both take this range
+MAX_ENSEMBLE = 100
 # The numeric flags' ranges: (lowest, highest, whether the highest is allowed).
 RANGES = {
+    "seed": (0, MAX_SEED, True),
     "epochs": (1, math.inf, False),
     "batch_size": (1, math.inf, False),
-    "ensemble": (1, math.inf, False),
+    "ensemble": (1, MAX_ENSEMBLE, True),
     "max_rows": (dataset.MIN_TRAIN_ROWS, math.inf, False),
     "val_split": (0, 1, False),
     "label_smoothing": (0, 1, False),
@@ -294,7 +297,9 @@ def range_problem(name: str, value: float) -> str | None:
         return None
     if high == math.inf:
         return f"must be at least {low}"
-    return f"must be in [{low:g}, {high:g}{']' if closed else ')'}"
+    return (
+        f"must be in [{low:g}, {high:{'d' if type(high) is int else 'g'}}{']' if closed else ')'}"
+    )
 
 
 def check_flags(given: dict) -> None:

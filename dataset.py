@@ -146,7 +146,15 @@ def _pick_member(zf: zipfile.ZipFile, member: str | None, where: str) -> str:
 def max_csv_bytes() -> int:
     """The most CSV bytes read from one file, decompressed ($MNIST_MAX_CSV_BYTES, else 1 GiB:
     about 400,000 rows, seven times Kaggle's largest MNIST CSV)."""
-    return int(os.environ.get("MNIST_MAX_CSV_BYTES", 1 << 30))
+    text = os.environ.get("MNIST_MAX_CSV_BYTES", "").strip()
+    if not text:
+        return 1 << 30
+    if not text.isdigit() or int(text) < 1:
+        raise UserError(
+            f"$MNIST_MAX_CSV_BYTES {text[:40]!r}: not a positive whole number of bytes (for "
+            "example 2000000000, or unset it for 1 GiB)"
+        )
+    return int(text)
 
 
 def _read_bounded(stream: IO[bytes], where: str) -> bytes:
@@ -418,8 +426,9 @@ def read_csv(source: str | Path) -> CSVData:
 
 
 def cache_dir() -> Path:
-    """Where parsed CSVs are kept: $MNIST_CACHE_DIR, else data/.cache."""
-    return Path(os.environ.get("MNIST_CACHE_DIR", DATA_DIR / ".cache"))
+    """Where parsed CSVs are kept: $MNIST_CACHE_DIR (when set and not empty), else
+    data/.cache."""
+    return Path(os.environ.get("MNIST_CACHE_DIR") or DATA_DIR / ".cache")
 
 
 def _content_sample(path: Path, size: int) -> str:

@@ -99,6 +99,8 @@ def parse_args(argv: list[str] | None) -> TuneConfig:
             raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least 1")
     if not 0 <= cfg.warmup <= 1:
         raise UserError(f"--warmup {cfg.warmup}: must be a share of the epochs, in [0, 1]")
+    if not 0 <= cfg.seed <= config.MAX_SEED:
+        raise UserError(f"--seed {cfg.seed}: {config.range_problem('seed', cfg.seed)}")
     return cfg
 
 

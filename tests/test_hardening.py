@@ -144,6 +144,18 @@ def test_more_csv_than_the_limit_is_refused(tmp_path, monkeypatch, container):
         dataset.read_csv(path)
 
 
+@pytest.mark.parametrize("value", ["abc", "1e9", "10.5", "-1", "0"])
+def test_a_csv_limit_that_is_no_count_of_bytes_is_refused_in_one_line(monkeypatch, value):
+    monkeypatch.setenv("MNIST_MAX_CSV_BYTES", value)
+    with pytest.raises(UserError, match=r"\$MNIST_MAX_CSV_BYTES .*: not a positive whole number"):
+        dataset.read_csv(SAMPLE_TEST)
+
+
+def test_an_empty_cache_dir_setting_means_the_default(monkeypatch):
+    monkeypatch.setenv("MNIST_CACHE_DIR", "")
+    assert dataset.cache_dir() == dataset.DATA_DIR / ".cache"
+
+
 @pytest.mark.parametrize("container", ["gz", "zip"])
 def test_reading_stops_at_the_limit(tmp_path, monkeypatch, container):
     path = _as(container, _oversize_csv(32 << 20), tmp_path / "big.csv")  # 32 MiB inside

@@ -115,6 +115,12 @@ def test_bad_counts_are_refused(flag):
         tune.parse_args(["--warmup", "1.5"])
 
 
+@pytest.mark.parametrize("seed", ["-1", "18446744073709551616"])
+def test_a_seed_out_of_range_is_refused_before_any_trial(seed):
+    with pytest.raises(tune.UserError, match=rf"--seed {seed}: must be in \[0, 4294967295\]"):
+        tune.parse_args(["--seed", seed])
+
+
 @pytest.mark.parametrize(
     ("epochs", "steps"),
     [
