@@ -280,7 +280,6 @@ RANGES = {
     "batch_size": (1, math.inf, False),
     "ensemble": (1, MAX_ENSEMBLE, True),
     "max_rows": (dataset.MIN_TRAIN_ROWS, math.inf, False),
-    "val_split": (0, 1, False),
     "label_smoothing": (0, 1, False),
     "weight_decay": (0, 1.0, True),
     "augment_strength": (0, 3.0, True),
@@ -291,8 +290,6 @@ RANGES = {
 def range_problem(name: str, value: float) -> str | None:
     """Why `value` is outside the range of the flag `name`, or None."""
     low, high, closed = RANGES[name]
-    if name == "val_split" and not low < value < high:
-        return "must be between 0 and 1 (for example 0.1)"
     if value >= low and (value <= high if closed else value < high):
         return None
     if high == math.inf:
@@ -309,6 +306,8 @@ def check_flags(given: dict) -> None:
         problem = given[name] is not None and range_problem(name, given[name])
         if problem:
             raise UserError(f"--{name.replace('_', '-')} {given[name]}: {problem}")
+    if "val_split" in given:
+        dataset.check_val_split(given["val_split"])
     if "lr" in given and not 0 < given["lr"] < math.inf:
         raise UserError(f"--lr {given['lr']}: must be a positive number (for example 3e-3)")
     if "arch" in given:

@@ -606,10 +606,9 @@ def download(
     )
 
 
-def extract_csvs(archive: Path, dest: Path) -> list[Path]:
+def extract_csvs(archive: Path, dest: Path) -> None:
     """Each CSV at the top of `archive` written atomically into `dest` (members in folders,
     links and other files are left in the zip)."""
-    written = []
     with zipfile.ZipFile(archive) as zf:
         for info in zf.infolist():
             name = info.filename
@@ -617,8 +616,6 @@ def extract_csvs(archive: Path, dest: Path) -> list[Path]:
                 continue
             with atomic_write(dest / name, "wb") as out, zf.open(info) as member:
                 shutil.copyfileobj(member, out)
-            written.append(dest / name)
-    return written
 
 
 # ---------------------------------------------------------------- splits and statistics
@@ -627,14 +624,19 @@ def extract_csvs(archive: Path, dest: Path) -> list[Path]:
 MIN_TRAIN_ROWS = 2  # one to train on, one to validate
 
 
+def check_val_split(val_fraction: float) -> None:
+    """Refuse a validation share that leaves no rows on one side, in one line."""
+    if not 0 < val_fraction < 1:
+        raise UserError(f"--val-split {val_fraction}: must be between 0 and 1 (for example 0.1)")
+
+
 def stratified_split(
     labels: np.ndarray, val_fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Seeded (train, validation) indices with each class split in the same proportion, both
     non-empty: every class keeps at least one training row, and when rounding leaves validation
     empty it takes one row of the largest class. Needs MIN_TRAIN_ROWS labels."""
-    if not 0 < val_fraction < 1:
-        raise UserError(f"--val-split {val_fraction}: must be between 0 and 1 (for example 0.1)")
+    check_val_split(val_fraction)
     if len(labels) < MIN_TRAIN_ROWS:
         raise UserError(f"{len(labels)} labelled row: training needs at least {MIN_TRAIN_ROWS}")
     rng = np.random.default_rng(seed)
