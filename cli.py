@@ -1,7 +1,7 @@
 """What every command-line entry point shares: the one-line user error, an argument parser that
 shows every default, running a main function with clean exits (errors, Ctrl-C, SIGTERM, a closed
 pipe), where outputs go by default, the batch size of forward passes without gradients, and
-progress lines for where a bar cannot redraw."""
+progress through batches, as a bar on a terminal and as lines elsewhere."""
 
 from __future__ import annotations
 
@@ -101,6 +101,9 @@ def working_root() -> Path:
     return Path()
 
 
+PROGRESS_SECONDS = 30.0  # outside a terminal, a progress line about this often
+
+
 class ProgressLines:
     """Progress through batches as a plain line on stderr about every `every` seconds, for
     where a bar cannot redraw: a log file, a notebook cell, Kaggle's batch log."""
@@ -112,13 +115,45 @@ class ProgressLines:
     def due(self) -> bool:
         return time.perf_counter() - self.last >= self.every
 
-    def show(self, done: int, seen: int, loss: float, acc: float) -> None:
+    def show(self, done: int, seen: int, stats: dict[str, str]) -> None:
         self.last = time.perf_counter()
         rate = seen / (self.last - self.started)
         left = (self.last - self.started) * (self.batches - done) / done
+        shown = "".join(f"{name} {value}  " for name, value in stats.items())
         print(
-            f"{self.label}  batch {done}/{self.batches}  loss {loss:.4f} acc {acc:6.2%}  "
+            f"{self.label}  batch {done}/{self.batches}  {shown}"
             f"{rate:,.0f} images/s  {left:.0f}s left",
             file=sys.stderr,
             flush=True,
         )
+
+
+class Progress:
+    """Progress through `batches` batches labelled `label` (None: shown nowhere): a live tqdm
+    bar when stderr is a terminal, else a ProgressLines line about every `every` seconds."""
+
+    def __init__(self, label: str | None, batches: int, every: float | None = None) -> None:
+        from tqdm import tqdm
+
+        self.batches = batches
+        self.live = label is not None and sys.stderr.isatty()
+        every = PROGRESS_SECONDS if every is None else every
+        quiet = label is None or self.live
+        self.lines = None if quiet else ProgressLines(label, batches, every)
+        self.bar = tqdm(total=batches, desc=label, leave=False, disable=not self.live, unit="batch")
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+
+    def step(self, done: int, seen: int, stats: Callable[[], dict[str, str]] | None = None) -> None:
+        """Batch `done` (from 1) is over and `seen` images with it; `stats` gives what else to
+        show, called only when shown (it may wait for the device)."""
+        if self.live:
+            self.bar.update(1)
+            if stats is not None and done % 20 == 1:
+                self.bar.set_postfix(stats())
+        elif self.lines is not None and self.lines.due() and done < self.batches:
+            self.lines.show(done, seen, {} if stats is None else stats())

@@ -77,6 +77,7 @@ class Config:
     device: str | None = field(default=None, metadata=HERE)
     precision: str = field(default_factory=model.default_precision, metadata=HERE)
     deterministic: bool = field(default=False, metadata=HERE)
+    compile: bool = field(default=False, metadata=HERE)
     quiet: bool = field(default=False, metadata=HERE)
     no_plots: bool = field(default=False, metadata=HERE)
     tensorboard: str | None = field(default=None, metadata=HERE)
@@ -183,6 +184,11 @@ def add_run_arguments(group, value) -> None:
     model.add_device_arguments(group, value("device"), value("precision"))
     for flag, what in (
         ("deterministic", "deterministic algorithms only (torch.use_deterministic_algorithms)"),
+        (
+            "compile",
+            "torch.compile the training steps (a GPU's option: on a CPU compiling costs "
+            "more than it saves, bench/compile_cost.py)",
+        ),
         ("quiet", "no progress within an epoch (a bar on a terminal, else a line every 30 s)"),
         ("no_plots", "draw no figures"),
     ):

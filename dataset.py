@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import sys
+import time
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -424,6 +425,25 @@ def read_csv(source: str | Path) -> CSVData:
 
 # ---------------------------------------------------------------- parse cache
 
+ANNOUNCED_BYTES = 20_000_000  # a first parse of a file this big says so before and after
+
+
+def read_announced(source: str | Path, size: int) -> CSVData:
+    """`read_csv`, with a line on stderr before and after when the file holds `size` bytes of
+    at least ANNOUNCED_BYTES (seconds of parsing), so that a log shows what the wait is."""
+    if size < ANNOUNCED_BYTES:
+        return read_csv(source)
+    print(
+        f"parsing {source} ({size / 1e6:,.0f} MB); later loads of it come from the parse cache "
+        f"in {cache_dir()}",
+        file=sys.stderr,
+        flush=True,
+    )
+    started = time.perf_counter()
+    parsed = read_csv(source)
+    print(f"parsed {len(parsed):,} rows in {time.perf_counter() - started:.1f}s", file=sys.stderr)
+    return parsed
+
 
 def cache_dir() -> Path:
     """Where parsed CSVs are kept: $MNIST_CACHE_DIR (when set and not empty), else
@@ -473,7 +493,7 @@ def load_csv(source: str | Path, cache: bool = True) -> CSVData:
                 return CSVData(cached["images"], labels, str(cached["layout"]), name)
     except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError):
         pass
-    parsed = read_csv(source)
+    parsed = read_announced(source, path.stat().st_size)
     labels = parsed.labels if parsed.labels is not None else np.zeros(0, np.int64)
     try:
         with atomic_write(entry) as f:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cli import EVAL_BATCH_SIZE, UserError, first_line
+from cli import EVAL_BATCH_SIZE, Progress, UserError, first_line
 
 FORMAT = "mnist-csv-pipeline-onnx-1"
 INPUT, OUTPUTS = "pixels", ["probabilities", "raw_probabilities"]
@@ -104,17 +104,25 @@ class OnnxEnsemble:
         return self.probabilities(images, tta, batch_size)[0]
 
     def probabilities(
-        self, images: np.ndarray, tta: bool = False, batch_size: int = EVAL_BATCH_SIZE
+        self,
+        images: np.ndarray,
+        tta: bool = False,
+        batch_size: int = EVAL_BATCH_SIZE,
+        progress: str | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Calibrated and raw probabilities [N, classes] of uint8 images [N, 28, 28], averaged
-        over the test-time augmented views with `tta` (dataset.tta_views)."""
+        over the test-time augmented views with `tta` (dataset.tta_views); `progress` labels
+        the progress shown (cli.Progress), None shows none."""
         calibrated, raw = [], []
-        for start in range(0, len(images), batch_size):
-            batch = pixels(images[start : start + batch_size])
-            views = self.tta_views(batch) if tta else [batch]
-            outputs = [self.onnx.run(OUTPUTS, {INPUT: view}) for view in views]
-            calibrated.append(np.mean([o[0] for o in outputs], axis=0))
-            raw.append(np.mean([o[1] for o in outputs], axis=0))
+        starts = range(0, len(images), batch_size)
+        with Progress(progress, len(starts)) as shown:
+            for done, start in enumerate(starts, 1):
+                batch = pixels(images[start : start + batch_size])
+                views = self.tta_views(batch) if tta else [batch]
+                outputs = [self.onnx.run(OUTPUTS, {INPUT: view}) for view in views]
+                calibrated.append(np.mean([o[0] for o in outputs], axis=0))
+                raw.append(np.mean([o[1] for o in outputs], axis=0))
+                shown.step(done, start + len(batch))
         return np.concatenate(calibrated), np.concatenate(raw)
 
     def tta_views(self, batch: np.ndarray) -> list[np.ndarray]:

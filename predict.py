@@ -31,7 +31,7 @@ import model
 import onnx_model
 import report
 from atomic import atomic_write, ensure_writable
-from cli import EVAL_BATCH_SIZE, CLIParser, UserError, run_cli, working_root
+from cli import EVAL_BATCH_SIZE, CLIParser, Progress, UserError, run_cli, working_root
 
 
 @dataclass(frozen=True)
@@ -223,14 +223,23 @@ class Ensemble:
         return self.probabilities(images, tta, batch_size)[0]
 
     def probabilities(
-        self, images: np.ndarray, tta: bool = False, batch_size: int = EVAL_BATCH_SIZE
+        self,
+        images: np.ndarray,
+        tta: bool = False,
+        batch_size: int = EVAL_BATCH_SIZE,
+        progress: str | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Class probabilities [N, classes] (float32) for uint8 images [N, 28, 28], averaged over
-        members (and views): calibrated (each member's logits over its temperature) and raw."""
+        members (and views): calibrated (each member's logits over its temperature) and raw.
+        `progress` labels the progress shown (cli.Progress), None shows none."""
         batches = dataset.DeviceBatches(images, None, batch_size, self.device, normalize=None)
-        out = []
-        with torch.inference_mode(), self.precision.autocast(self.device):
-            for xb, _ in batches:
+        out, seen = [], 0
+        with (
+            torch.inference_mode(),
+            self.precision.autocast(self.device),
+            Progress(progress, len(batches)) as shown,
+        ):
+            for done, (xb, _) in enumerate(batches, 1):
                 calibrated, raw, views = 0, 0, 0
                 for member in self.members:
                     for view in dataset.tta_views(xb, member.mirror) if tta else [xb]:
@@ -239,6 +248,8 @@ class Ensemble:
                         raw = raw + logits.softmax(1)
                         views += 1
                 out.append(torch.stack([calibrated, raw]).cpu() / views)
+                seen += len(xb)
+                shown.step(done, seen)
         both = torch.cat(out, 1).numpy()
         return both[0], both[1]
 
@@ -310,7 +321,9 @@ def predict_csv(options: Options, ensemble: Ensemble, started: float) -> dict:
             f"checkpoint's classes are {'/'.join(names[:3])}/...; using the checkpoint's",
             file=sys.stderr,
         )
-    probs, raw = ensemble.probabilities(data.images, options.tta, options.batch_size)
+    probs, raw = ensemble.probabilities(
+        data.images, options.tta, options.batch_size, progress="predicting"
+    )
     output = Path(options.output)
     write_submission(output, data.ids, probs, options.probabilities)
     print(f"wrote {output}: {len(data):,} rows (ImageId,Label) from {data.source}")

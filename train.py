@@ -38,13 +38,12 @@ import parallel
 import report
 import tensorboard_log
 from atomic import atomic_write, ensure_writable, write_json
-from cli import EVAL_BATCH_SIZE, ProgressLines, Terminated, UserError, run_cli
+from cli import EVAL_BATCH_SIZE, Progress, Terminated, UserError, run_cli
 from config import Config
 
 # ---------------------------------------------------------------- constants
 
 RANK_SEED_STEP = 7919  # torchrun rank r > 0 draws its dropout masks from seed + r * this
-PROGRESS_SECONDS = 30.0  # outside a terminal, a progress line this often within an epoch
 
 
 # ---------------------------------------------------------------- the run
@@ -148,7 +147,8 @@ class Run:
     cfg: Config
     precision: model.Precision
     raw_net: nn.Module  # what checkpoints hold
-    net: nn.Module  # `raw_net` as the steps see it: under DistributedDataParallel with torchrun
+    net: nn.Module  # `raw_net` as the steps see it: under DistributedDataParallel with torchrun,
+    # compiled with --compile
     ranks: ddp.Ranks
     augment: dataset.Augment | None
     train_batches: dataset.DeviceBatches  # this rank's share of each batch
@@ -192,11 +192,12 @@ def build_run(
     batches = device_batches(cfg, splits, (normalize, augment), device, ranks)
     train_batches, val_batches, val_shard = batches
     meta = checkpoint_meta(cfg, splits, kwargs, (mean, std), curves_caption(cfg, net))
+    wrapped = ddp.wrap(net, ranks, device)
     return Run(
         cfg=cfg,
         precision=precision,
         raw_net=net,
-        net=ddp.wrap(net, ranks, device),
+        net=torch.compile(wrapped) if cfg.compile else wrapped,
         ranks=ranks,
         augment=augment,
         train_batches=train_batches,
@@ -334,37 +335,28 @@ def train_epoch(
     """One pass over the shuffled (and augmented) training batches: the sums of the loss and of
     the right answers, the images seen, and the first batch (from 1) whose loss was not finite
     (0: none), as one tensor for the ranks to reduce. `progress` labels the progress shown: a
-    live bar on a terminal, else ProgressLines; None shows none."""
-    from tqdm import tqdm
-
+    live bar on a terminal, else a line every cli.PROGRESS_SECONDS; None shows none."""
     net.train()
     loss_sum = torch.zeros((), device=batches.device)
     correct = torch.zeros((), device=batches.device, dtype=torch.long)
     first_bad = torch.zeros((), device=batches.device, dtype=torch.long)  # no sync a batch
     seen = 0
-    live = progress is not None and sys.stderr.isatty()
-    lines = (
-        ProgressLines(progress, len(batches), PROGRESS_SECONDS)
-        if progress is not None and not live
-        else None
-    )
-    bar = tqdm(batches, desc=progress, leave=False, disable=not live, unit="batch")
-    for i, (xb, yb) in enumerate(bar, 1):
-        with precision.autocast(batches.device):
-            logits = net(xb)
-        loss = F.cross_entropy(logits.float(), yb, label_smoothing=label_smoothing)
-        optimization.step(loss)
-        bad = ~torch.isfinite(loss.detach()) & (first_bad == 0)
-        first_bad = torch.where(bad, i, first_bad)
-        loss_sum += loss.detach() * len(yb)
-        correct += (logits.argmax(1) == yb).sum()
-        seen += len(yb)
-        if live and i % 20 == 1:
-            bar.set_postfix(
-                loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.2%}"
-            )
-        elif lines is not None and lines.due() and i < len(batches):
-            lines.show(i, seen, loss_sum.item() / seen, correct.item() / seen)
+
+    def stats() -> dict[str, str]:
+        return {"loss": f"{loss_sum.item() / seen:.4f}", "acc": f"{correct.item() / seen:6.2%}"}
+
+    with Progress(progress, len(batches)) as shown:
+        for i, (xb, yb) in enumerate(batches, 1):
+            with precision.autocast(batches.device):
+                logits = net(xb)
+            loss = F.cross_entropy(logits.float(), yb, label_smoothing=label_smoothing)
+            optimization.step(loss)
+            bad = ~torch.isfinite(loss.detach()) & (first_bad == 0)
+            first_bad = torch.where(bad, i, first_bad)
+            loss_sum += loss.detach() * len(yb)
+            correct += (logits.argmax(1) == yb).sum()
+            seen += len(yb)
+            shown.step(i, seen, stats)
     seen = torch.tensor(float(seen), device=batches.device)
     return torch.stack((loss_sum.float(), correct.float(), seen, first_bad.float()))
 
@@ -533,6 +525,13 @@ def curves_caption(cfg: Config, net: nn.Module) -> str:
     return ", ".join(measured) or "as in evaluation"
 
 
+def peak_gpu_memory(device: torch.device) -> dict:
+    """{"peak_gpu_memory_mb": the most the process held on `device`} on a GPU, else {}."""
+    if device.type != "cuda":
+        return {}
+    return {"peak_gpu_memory_mb": round(torch.cuda.max_memory_allocated(device) / 2**20)}
+
+
 def finish(run: Run, splits: dataset.Splits, started: float) -> dict:
     """The test score of best.pt, metrics.json and the training curves; the run's summary."""
     cfg = run.cfg
@@ -551,6 +550,7 @@ def finish(run: Run, splits: dataset.Splits, started: float) -> dict:
         "numerics": f"{run.device.type}, {run.precision.describe()}",
         "train_images": len(splits.train),
         "train_source": splits.parsed.source,
+        **peak_gpu_memory(run.device),
     }
     if splits.test is not None:
         summary.update(score_test(run, net, splits.test))

@@ -100,3 +100,20 @@ def test_a_cached_zip_member_keeps_its_member_name(tmp_path, monkeypatch):
     dataset.load_csv("a.zip")
     _forbid_parsing(monkeypatch)
     assert dataset.load_csv(tmp_path / "a.zip").source == f"{tmp_path / 'a.zip'}::mnist_train.csv"
+
+
+def test_a_first_parse_of_a_big_file_says_so_and_a_cached_load_does_not(
+    write_csv, monkeypatch, capsys
+):
+    path = write_csv("big.csv", make_table(30, seed=2))
+    size = os.path.getsize(path)
+    monkeypatch.setattr(dataset, "ANNOUNCED_BYTES", size)
+    dataset.load_csv(path)
+    before, after = capsys.readouterr().err.splitlines()
+    assert before.startswith(f"parsing {path} (") and "parse cache" in before
+    assert after.startswith("parsed 30 rows in ")
+    dataset.load_csv(path)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(dataset, "ANNOUNCED_BYTES", size + 1)
+    dataset.load_csv(path, cache=False)  # smaller than the threshold: parsed without a word
+    assert capsys.readouterr().err == ""

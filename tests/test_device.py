@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, SAMPLE_TRAIN
 
 import config
+import dataset
 import model
 import predict
 import train
@@ -185,3 +187,26 @@ def test_a_bad_precision_variable_is_one_error_line_and_exit_2(monkeypatch, caps
     assert exit_info.value.code == 2
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith("error: $MNIST_PRECISION fp8: not a precision")
+
+
+def test_the_gpu_check_stops_at_its_first_cuda_step_with_one_line_where_there_is_no_gpu(tmp_path):
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu_check.sh"), str(tmp_path / "out")],
+        env={**env, "GPU_CHECK_INSTALL": "0"},
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("gpu_check: skipped: torch ") and done.stdout.count("\n") == 1
+    assert "no usable CUDA GPU" in done.stdout
+    assert list((tmp_path / "out").iterdir()) == []  # nothing ran, so nothing written
+
+
+def test_compile_wraps_the_steps_network_and_checkpoints_keep_plain_weights(tmp_path):
+    splits = dataset.load_splits(SAMPLE_TRAIN, None, 300, 0.1, 0)
+    cfg = config.Config.for_task({"arch": "basic", "compile": True}, splits.task)
+    precision = model.precision_for(torch.device("cpu"), "fp32")
+    run = train.build_run(cfg, splits, torch.device("cpu"), precision)
+    assert isinstance(run.net, torch._dynamo.eval_frame.OptimizedModule)
+    assert not any(key.startswith("_orig_mod.") for key in run.raw_net.state_dict())

@@ -16,6 +16,7 @@ import torch
 from conftest import SAMPLE_TEST, SAMPLE_TRAIN, make_table, run_flags
 from PIL import Image
 
+import cli
 import dataset
 import images
 import model
@@ -81,6 +82,20 @@ def test_the_submission_holds_the_models_predictions(submitted, checkpoints):
     labels = np.array([int(r["Label"]) for r in rows])
     reference = fp32_probs(checkpoints[0], dataset.load_csv(SAMPLE_TEST).images).argmax(1)
     assert (labels == reference).mean() > 0.98  # predict.py runs bf16 where the CPU has it
+
+
+def test_outside_a_terminal_prediction_shows_progress_lines(
+    checkpoints, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr(cli, "PROGRESS_SECONDS", 0.0)  # a line after every batch but the last
+    run(tmp_path, "--checkpoint", checkpoints[0], "--input", SAMPLE_TEST, "--no-report",
+        "--batch-size", "300")  # fmt: skip
+    lines = [line for line in capsys.readouterr().err.splitlines() if " images/s  " in line]
+    # 1,000 rows in batches of 300: four batches, a line after each of the first three
+    assert [line.split("  ")[:2] for line in lines] == [
+        ["predicting", f"batch {i}/4"] for i in (1, 2, 3)
+    ]
+    assert all(line.endswith("s left") for line in lines)
 
 
 def test_labelled_input_is_scored(submitted):

@@ -20,6 +20,7 @@ import pytest
 import torch
 from conftest import ROOT, SAMPLE_TEST, SAMPLE_TRAIN, make_table, run_flags
 
+import cli
 import config
 import dataset
 import model
@@ -397,7 +398,7 @@ def test_resuming_a_best_checkpoint_or_incompatible_weights_is_refused(
 def progress_lines(tmp_path, monkeypatch, capsys, *extra: str) -> list[str]:
     """What a one-epoch run prints on stderr (not a terminal here) with a progress line due
     after every batch."""
-    monkeypatch.setattr(train, "PROGRESS_SECONDS", 0.0)
+    monkeypatch.setattr(cli, "PROGRESS_SECONDS", 0.0)
     args = [a for a in quick_args(tmp_path, "--arch", "basic", "--epochs", "1") if a != "--quiet"]
     train.main([*args, "--max-rows", "1000", "--batch-size", "100", *extra])
     return [line for line in capsys.readouterr().err.splitlines() if " images/s  " in line]
