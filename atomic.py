@@ -1,7 +1,7 @@
 """Atomic file writes: everything goes to a temporary file beside its target, then `os.replace`.
 A write that fails leaves the old file as it was and raises WriteError, one line naming the path
 and the reason; temporary files that a killed process left behind are swept up by the next write
-of the same target."""
+of the same target. A folder that one process writes is locked against a second (folder_lock)."""
 
 from __future__ import annotations
 
@@ -129,6 +129,38 @@ def ensure_writable(directory: str | Path, flag: str) -> None:
         os.unlink(probe)
     except OSError as e:
         raise WriteError(directory, e, flag) from None
+
+
+LOCK_NAME = ".lock"  # in a folder a process holds (folder_lock): the holder's pid
+
+
+@contextmanager
+def folder_lock(directory: str | Path, flag: str) -> Iterator[None]:
+    """Hold `directory` (given as `flag`) while the block runs: another process that asks for it
+    meanwhile gets a UserError naming this one's pid. The lock (flock on DIR/.lock) ends with
+    the block or with the process, even a killed one."""
+    import fcntl
+
+    path = Path(directory) / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise WriteError(path, e, flag) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise UserError(
+            f"{flag} {directory}: another run (pid {holder}) is writing there; wait for it to "
+            f"end or give {flag} another folder"
+        ) from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def write_json(path: str | Path, obj: object) -> None:

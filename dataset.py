@@ -144,6 +144,27 @@ def _pick_member(zf: zipfile.ZipFile, member: str | None, where: str) -> str:
     return csvs[0]
 
 
+# What Python's zipfile decompresses (Deflate64, method 9, and the rest it cannot)
+ZIP_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
+
+
+def open_member(zf: zipfile.ZipFile, name: str, where: str) -> IO[bytes]:
+    """The member `name` of `zf` opened for reading; an encrypted member or a compression method
+    zipfile cannot read is a UserError naming it (`where`: archive::member)."""
+    info = zf.getinfo(name)
+    if info.flag_bits & 0x1:
+        raise UserError(
+            f"{where}: the member is encrypted (unzip it with its password and give the CSV)"
+        )
+    if info.compress_type not in ZIP_METHODS:
+        method = "Deflate64" if info.compress_type == 9 else f"method {info.compress_type}"
+        raise UserError(
+            f"{where}: compressed with {method}, which Python's zipfile cannot read (unzip it "
+            "with another tool and give the CSV, or zip it again with plain deflate)"
+        )
+    return zf.open(info)
+
+
 def max_csv_bytes() -> int:
     """The most CSV bytes read from one file, decompressed ($MNIST_MAX_CSV_BYTES, else 1 GiB:
     about 400,000 rows, seven times Kaggle's largest MNIST CSV)."""
@@ -180,7 +201,7 @@ def _check_text(head: bytes, where: str) -> None:
         raise UserError(f"{where}: UTF-16 text (re-save it as UTF-8, which CSV readers expect)")
     if b"\0" in head:
         raise UserError(f"{where}: binary data at byte {head.index(0):,}, not a CSV text file")
-    if len(head) == HEAD_BYTES and b"\n" not in head:
+    if len(head) == HEAD_BYTES and b"\n" not in head and b"\r" not in head:
         raise UserError(
             f"{where}:1: no line end in the first {HEAD_BYTES:,} bytes (lines of a CSV of 28x28 "
             "images are a few thousand characters)"
@@ -193,14 +214,16 @@ def read_source_bytes(source: str | Path) -> tuple[bytes, str]:
     path, member = split_member(source)
     where = str(path)
     if not path.exists():
+        if path.is_symlink():
+            raise UserError(f"{where}: a symbolic link to nothing (broken, or a loop of links)")
         raise UserError(f"{where}: no such file (check the path, or run: {manual_download()})")
     if not path.is_file():
-        raise UserError(f"{where}: is a directory or device, not a file (give a CSV file)")
+        raise UserError(f"{where}: is a directory, pipe or device, not a file (give a CSV file)")
     try:
         if path.suffix.lower() == ".zip" or (member and zipfile.is_zipfile(path)):
             with zipfile.ZipFile(path) as zf:
                 name = _pick_member(zf, member, where)
-                with zf.open(name) as stream:
+                with open_member(zf, name, f"{where}::{name}") as stream:
                     return _read_bounded(stream, f"{where}::{name}"), f"{where}::{name}"
         with open(path, "rb") as f:
             compressed = path.suffix.lower() == ".gz" or f.read(2) == b"\x1f\x8b"
@@ -285,13 +308,13 @@ def _cell_problem(cell: str, is_label: bool) -> str | None:
     if not _NUMBER.fullmatch(text):
         return f"{text[:20]!r} is not a number"
     value = float(text)
-    kind = "label" if is_label else "pixel"
+    kind, top = ("label", 9) if is_label else ("pixel", 255)
+    shown = text if len(text) <= 20 else f"{text[:20]}... ({len(text)} characters)"
+    if not (math.isfinite(value) and 0 <= value <= top):
+        return f"{kind} {shown} is outside 0..{top}"
     if not value.is_integer():
         scaled = " (pixels scaled to 0..1? multiply them by 255)" if 0 < value < 1 else ""
-        return f"{kind} {text[:20]} is not a whole number{scaled}"
-    top = 9 if is_label else 255
-    if not 0 <= value <= top:
-        return f"{kind} {text} is outside 0..{top}"
+        return f"{kind} {shown} is not a whole number{scaled}"
     return None
 
 
@@ -308,9 +331,11 @@ def _parse_chunk_exact(
         if len(cells) != ncols:
             what = "empty row" if not line.strip() else f"{len(cells)} columns, expected {ncols}"
             raise UserError(f"{at}: {what} (every row needs {need})")
-        try:
+        try:  # float() reads 1_0 as 10 (Python's syntax, not a CSV number): checked below
             values = np.array(cells, dtype=np.float64)
-            ok = np.isfinite(values).all() and (values == np.round(values)).all()
+            ok = (
+                "_" not in line and np.isfinite(values).all() and (values == np.round(values)).all()
+            )
             ok = ok and values.min() >= 0 and values.max() <= 255
             ok = ok and not (labelled and values[0] > 9)
         except ValueError:
@@ -334,8 +359,8 @@ def _tidy(data: bytes, where: str) -> bytes:
     and commas between cells (a first line without commas may use semicolons or tabs)."""
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
-    if b"\r" in data:
-        data = data.replace(b"\r\n", b"\n")
+    if b"\r" in data:  # Windows' \r\n, and the \r alone of old Mac files
+        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
     if b'"' in data:  # numbers and names in quotes: nothing in these files needs them
         data = data.replace(b'"', b"")
     first = data[: data.find(b"\n")]
@@ -474,6 +499,20 @@ def _cache_entry(source: str | Path) -> tuple[Path, str]:
     return cache_dir() / f"{stem}-{digest}.npz", key
 
 
+def _sound(cached) -> bool:
+    """Whether a cache entry holds what a parse gives (uint8 images [N, 28, 28], labels 0..9 of
+    each row or none, a known layout): an entry edited by hand is parsed again, not trusted."""
+    images, labels = cached["images"], cached["labels"]
+    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (SIDE, SIDE):
+        return False
+    if str(cached["layout"]) not in {*LAYOUTS, "headerless", "headerless-unlabelled"}:
+        return False
+    if not bool(cached["labelled"]):
+        return True
+    in_range = len(labels) == 0 or (labels.min() >= 0 and labels.max() <= 9)
+    return labels.dtype == np.int64 and labels.shape == (len(images),) and bool(in_range)
+
+
 def load_csv(source: str | Path, cache: bool = True) -> CSVData:
     """`read_csv` through the parse cache: a repeat load of an unchanged file skips parsing."""
     if not cache:
@@ -486,7 +525,7 @@ def load_csv(source: str | Path, cache: bool = True) -> CSVData:
         if not entry.is_file():  # absent, or a FIFO or device that np.load would block on
             raise FileNotFoundError(entry)
         with np.load(entry, allow_pickle=False) as cached:
-            if str(cached["key"]) == key:
+            if str(cached["key"]) == key and _sound(cached):
                 labels = cached["labels"] if bool(cached["labelled"]) else None
                 _, member = split_member(str(cached["source"]))  # the zip member it holds
                 name = str(path) if member is None else f"{path}::{member}"  # as the caller says
@@ -634,7 +673,10 @@ def extract_csvs(archive: Path, dest: Path) -> None:
             name = info.filename
             if "/" in name or "\\" in name or not name.endswith(".csv") or info.is_dir():
                 continue
-            with atomic_write(dest / name, "wb") as out, zf.open(info) as member:
+            with (
+                open_member(zf, name, f"{archive}::{name}") as member,
+                atomic_write(dest / name, "wb") as out,
+            ):
                 shutil.copyfileobj(member, out)
 
 

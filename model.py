@@ -405,8 +405,9 @@ def load_checkpoint(path: str | Path) -> dict:
         raise UserError(
             f"{path}: not a checkpoint of this project (train one with: python train.py)"
         )
-    if ckpt["format"] != CHECKPOINT_FORMAT:
-        raise UserError(f"{path}: checkpoint format {ckpt['format']} is not {CHECKPOINT_FORMAT}")
+    if type(ckpt["format"]) is not int or ckpt["format"] != CHECKPOINT_FORMAT:
+        shown = repr(ckpt["format"])[:40]
+        raise UserError(f"{path}: checkpoint format {shown} is not {CHECKPOINT_FORMAT}")
     problem = _checkpoint_problem(ckpt)
     if problem:
         raise UserError(f"{path}: {problem} (a damaged or hand-edited checkpoint; train a new one)")
@@ -439,19 +440,46 @@ def _checkpoint_problem(ckpt: dict) -> str | None:
     problem = _arch_problem(ckpt["arch"], kwargs)
     if problem:
         return problem
-    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
-        return "class_names is not a list of names"
+    problem = _names_problem(names) or _weights_problem(ckpt["state_dict"])
+    if problem:
+        return problem
     if len(names) != kwargs.get("num_classes", 10):
         return f"{len(names)} class names for a {kwargs.get('num_classes', 10)}-class network"
-    for key in ("mean", "std"):
+    for key, low in (("mean", 0), ("std", 1e-6)):
         value = ckpt[key]
-        if type(value) not in (int, float) or not math.isfinite(value):
-            return f"{key} {value!r} is not a number"
-    if not ckpt["std"] > 0:
-        return f"std {ckpt['std']} is not positive"
-    if not isinstance(ckpt["state_dict"], dict):
-        return "state_dict is not a dictionary of weights"
+        if type(value) not in (int, float) or not low <= value <= 255:
+            return f"{key} {value!r} is not a pixel statistic in {low}..255"
     return _record_problem(ckpt)
+
+
+MAX_NAME_CHARS = 100
+
+
+def _names_problem(names) -> str | None:
+    """What makes class names unusable in the report, the CSVs and the page: not a list of
+    names, an empty or overlong one, one with a comma, a quote or a control character."""
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        return "class_names is not a list of names"
+    for name in names:
+        if not 0 < len(name) <= MAX_NAME_CHARS or not name.isprintable() or set(name) & set(',"'):
+            return (
+                f"class name {name[:40]!r} is not 1..{MAX_NAME_CHARS} printable characters "
+                "without a comma or a quote"
+            )
+    return None
+
+
+def _weights_problem(state_dict) -> str | None:
+    """What makes a state_dict unusable: not names to tensors, or weights not all finite (NaN
+    or infinite weights predict class 0 for every image, with NaN probabilities)."""
+    if not isinstance(state_dict, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items()
+    ):
+        return "state_dict is not a dictionary of named weight tensors"
+    for name, tensor in state_dict.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return f"weight {name[:60]} is not finite (NaN or infinite values)"
+    return None
 
 
 EPOCH_RECORD = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")
@@ -464,11 +492,15 @@ def _record_problem(ckpt: dict) -> str | None:
     if type(temperature) not in (int, float) or not 0 < temperature < math.inf:
         return f"temperature {temperature!r} is not a positive number"
     history = ckpt.get("history", [])
-    if not isinstance(history, list) or not all(
-        isinstance(row, dict) and all(type(row.get(key)) in (int, float) for key in EPOCH_RECORD)
-        for row in history
-    ):
+    if not isinstance(history, list) or not all(map(_epoch_record, history)):
         return f"history is not a list of epoch records ({', '.join(EPOCH_RECORD)})"
+    if "config" in ckpt and not isinstance(ckpt["config"], dict):
+        return "config is not a dictionary of settings"
+    seen = ckpt.get("seen_rows", {})
+    if "seen_rows" in ckpt and not (
+        isinstance(seen, dict) and all(map(_hashes, (seen.get("train"), seen.get("val"))))
+    ):
+        return "seen_rows is not the leak guard's row hashes (int64 tensors train and val)"
     data = ckpt.get("data", {"source": "", "train_rows": 0, "val_rows": 0})
     if not (
         isinstance(data, dict)
@@ -479,6 +511,25 @@ def _record_problem(ckpt: dict) -> str | None:
     if not isinstance(ckpt.get("curves", ""), str):
         return "curves is not a caption"
     return None
+
+
+MAX_EPOCHS = 10_000
+
+
+def _hashes(value) -> bool:
+    """Whether `value` is a list of the leak guard's row hashes: a 1-D int64 tensor."""
+    return isinstance(value, torch.Tensor) and value.dtype == torch.int64 and value.ndim == 1
+
+
+def _epoch_record(row) -> bool:
+    """Whether a history row is an epoch record: a whole epoch 1..MAX_EPOCHS and finite figures."""
+    if not isinstance(row, dict) or not all(type(row.get(k)) in (int, float) for k in EPOCH_RECORD):
+        return False
+    return (
+        type(row["epoch"]) is int
+        and 1 <= row["epoch"] <= MAX_EPOCHS
+        and all(math.isfinite(row[k]) for k in EPOCH_RECORD)
+    )
 
 
 def _refusal(message: str) -> str:

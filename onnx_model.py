@@ -33,6 +33,35 @@ def fingerprint(seen: dict | None) -> dict[str, np.ndarray] | None:
     }
 
 
+def _shape(arg) -> str:
+    return f"{arg.name} {arg.type} {arg.shape}"
+
+
+def _gives(output, classes: int) -> bool:
+    """Whether an output is float [batch, classes] (a named dimension may be anything)."""
+    if output.type != "tensor(float)" or len(output.shape) != 2:
+        return False
+    return not isinstance(output.shape[1], int) or output.shape[1] == classes
+
+
+def check_signature(session, classes: int, path: str) -> None:
+    """Refuse a graph that does not take and give what this code feeds and reads: one input
+    INPUT, float [batch, 28, 28] with a free batch; the OUTPUTS, float [batch, classes]."""
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    wanted = f"{INPUT} tensor(float) [batch, 28, 28]"
+    if len(inputs) != 1 or inputs[0].name != INPUT or inputs[0].type != "tensor(float)":
+        raise UserError(f"{path}: the graph takes {', '.join(map(_shape, inputs))}, not {wanted}")
+    batch, *rest = inputs[0].shape or [None]
+    if isinstance(batch, int) or rest != [28, 28]:
+        raise UserError(f"{path}: the graph takes {_shape(inputs[0])}, not {wanted}")
+    fits = [o.name for o in outputs] == OUTPUTS and all(_gives(o, classes) for o in outputs)
+    if not fits:
+        raise UserError(
+            f"{path}: the graph gives {', '.join(map(_shape, outputs))}, not "
+            f"{' and '.join(OUTPUTS)} tensor(float) [batch, {classes}]"
+        )
+
+
 def pixels(images: np.ndarray) -> np.ndarray:
     """uint8 images [N, 28, 28] as the export's input."""
     return images.astype(np.float32)
@@ -53,7 +82,10 @@ class OnnxEnsemble:
                 "--export model.onnx)"
             )
         try:
-            self.class_names = tuple(json.loads(meta["class_names"]))
+            names = json.loads(meta["class_names"])
+            if not isinstance(names, list) or not names:
+                raise ValueError("class_names is not a list of names")
+            self.class_names = tuple(names)
             self._stories = json.loads(meta["models"])
             self.mirror = bool(json.loads(meta["mirror"]))
             self.fingerprint = fingerprint(json.loads(meta["seen_rows"]))
@@ -66,6 +98,7 @@ class OnnxEnsemble:
                 story["checkpoint"] = f"{path} ({story['checkpoint']})"
         except (KeyError, ValueError, TypeError, AttributeError) as e:
             raise UserError(f"{path}: damaged export metadata: {first_line(e)}") from None
+        check_signature(self.onnx, len(self.class_names), path)
 
     @staticmethod
     def session(data: bytes, path: str | Path):

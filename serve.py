@@ -14,6 +14,7 @@ import base64
 import binascii
 import io
 import json
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import numpy as np
 
 import images
 import onnx_model
-from cli import CLIParser, UserError, run_cli, working_root
+from cli import CLIParser, UserError, first_line, run_cli, working_root
 
 MAX_REQUEST_BYTES = 10_000_000  # a phone photo is 2-6 MB
 PAGE = Path(__file__).with_name("serve.html")
@@ -125,14 +126,42 @@ def no_model_text(checkpoint: str) -> str:
     )
 
 
+class Refused(Exception):
+    """A request answered with an HTTP error `status` and this one-line message."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+async def read_body(request) -> bytes:
+    """A request's body, refused (413) past MAX_REQUEST_BYTES or when the client goes away
+    before sending all of it (400, and no traceback in the server's log)."""
+    from starlette.requests import ClientDisconnect
+
+    body = bytearray()
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_REQUEST_BYTES:
+                raise Refused(
+                    413, f"request over {MAX_REQUEST_BYTES:,} bytes: send a smaller image"
+                )
+    except ClientDisconnect:
+        raise Refused(400, "the client went away before its request ended") from None
+    return bytes(body)
+
+
 def create_app(checkpoint: str):
     """The FastAPI app serving `checkpoint` (loaded once, now)."""
     from fastapi import FastAPI, Request
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import HTMLResponse, JSONResponse
+    from starlette.exceptions import HTTPException
 
     models = load(checkpoint)
-    app = FastAPI(title="MNIST CSV pipeline", docs_url=None, redoc_url=None)
+    app = FastAPI(title="MNIST CSV pipeline", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.models = models
     state = describe(models, checkpoint)
     # the state goes into a <script>: "</" escaped so that no path can close it
     page = PAGE.read_text().replace("/*STATE*/null", json.dumps(state).replace("</", "<\\/"))
@@ -140,11 +169,15 @@ def create_app(checkpoint: str):
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status)
 
-    @app.get("/", response_class=HTMLResponse)
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
+
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse)
     def index() -> str:
         return page
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     def health() -> dict:
         return state
 
@@ -152,15 +185,33 @@ def create_app(checkpoint: str):
     async def predict_image(request: Request):
         if models is None:
             return error(503, no_model_text(checkpoint))
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_REQUEST_BYTES:
-                return error(413, f"request over {MAX_REQUEST_BYTES:,} bytes: send a smaller image")
-        status, content = await run_in_threadpool(respond, models, bytes(body))
+        try:
+            status, content = await run_in_threadpool(respond, models, await read_body(request))
+        except Refused as e:
+            return error(e.status, str(e))
+        except Exception as e:  # a fault of this server, not of the request: one line still
+            return error(500, f"the server failed on this image: {first_line(e)}")
         return JSONResponse(content, status_code=status)
 
     return app
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to `host`:`port`, before anything says it serves there; an address in use
+    or not this machine's is a UserError."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+    try:
+        sock.bind((host, port))
+    except (OSError, OverflowError) as e:
+        sock.close()
+        reason = getattr(e, "strerror", None) or first_line(e)
+        raise UserError(
+            f"--host {host} --port {port}: cannot listen there: {reason} (another server on "
+            "that port? give another --port)"
+        ) from None
+    return sock
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -168,8 +219,14 @@ def main(argv: list[str] | None = None) -> None:
     app = create_app(options.checkpoint)
     import uvicorn
 
-    print(f"serving {options.checkpoint} on http://{options.host}:{options.port}", flush=True)
-    uvicorn.run(app, host=options.host, port=options.port, log_level="warning")
+    sock = listen(options.host, options.port)
+    url = f"http://{options.host}:{options.port}"
+    if app.state.models is None:
+        print(f"serving on {url}: {no_model_text(options.checkpoint)}", flush=True)
+    else:
+        print(f"serving {options.checkpoint} on {url}", flush=True)
+    config = uvicorn.Config(app, host=options.host, port=options.port, log_level="warning")
+    uvicorn.Server(config).run(sockets=[sock])
 
 
 if __name__ == "__main__":

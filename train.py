@@ -20,7 +20,7 @@ import math
 import os
 import sys
 import time
-from contextlib import ExitStack, redirect_stderr, redirect_stdout
+from contextlib import ExitStack, nullcontext, redirect_stderr, redirect_stdout
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -37,8 +37,8 @@ import model
 import parallel
 import report
 import tensorboard_log
-from atomic import atomic_write, ensure_writable, write_json
-from cli import EVAL_BATCH_SIZE, Progress, Terminated, UserError, run_cli
+from atomic import atomic_write, ensure_writable, folder_lock, write_json
+from cli import EVAL_BATCH_SIZE, Progress, Terminated, UserError, first_line, run_cli
 from config import Config
 
 # ---------------------------------------------------------------- constants
@@ -276,7 +276,25 @@ def training_state(run: Run, rank_rngs: list[torch.Tensor]) -> dict:
 
 
 def restore_training_state(run: Run, last: dict) -> None:
-    """Put back what training_state saved, and the weights and epoch of that last.pt."""
+    """Put back what training_state saved, and the weights and epoch of that last.pt; a saved
+    state that does not fit this run (damaged or edited by hand) is one UserError line."""
+    try:
+        restore_saved_state(run, last)
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        raise UserError(
+            f"{run.cfg.resume}: its training state does not fit this run ({first_line(e)[:120]}); "
+            "resume from a last.pt this project wrote, or start a new run"
+        ) from None
+    rates = [group["lr"] for group in run.optimization.optimizer.param_groups]
+    if not rates or not all(type(lr) is float and 0 <= lr < math.inf for lr in rates):
+        raise UserError(
+            f"{run.cfg.resume}: its optimizer's learning rates {rates[:3]} are not "
+            "numbers (a damaged or hand-edited last.pt; start a new run)"
+        )
+
+
+def restore_saved_state(run: Run, last: dict) -> None:
+    """restore_training_state without its checks."""
     opt = run.optimization
     run.raw_net.load_state_dict(last["state_dict"])
     opt.optimizer.load_state_dict(last["optimizer"])
@@ -601,36 +619,41 @@ def train(
     draft = Config(**given)  # the recipe waits for the task
     for directory, flag in ((draft.model_dir, "--model-dir"), (draft.out_dir, "--out-dir")):
         ensure_writable(directory, flag)
-    name = ddp.device_name(draft.device, ranks, torch.cuda.is_available())
-    device, precision = model.setup_device(name, draft.precision)
-    ddp.start(ranks, device)
-    splits = dataset.load_splits(
-        draft.train, draft.test, draft.max_rows, draft.val_split, draft.seed
-    )
-    cfg = Config.for_task(given, splits.task)
-    run = build_run(cfg, splits, device, precision, ranks)
-    if resume is not None:
-        restore_training_state(run, resume)
-    processes = f"; {ranks.world} processes (torchrun)" if ranks.world > 1 else ""
-    print(
-        f"training {cfg.arch} (--preset {cfg.preset}, {splits.task}) on {len(splits.train):,} "
-        f"images ({len(splits.val):,} for validation) from {splits.parsed.source}; "
-        f"{device.type}, {precision.describe()}{processes}"
-    )
-    if ranks.main:
-        earlier = (resume or {}).get("tensorboard_run")
-        boards = tensorboard_log.boards(cfg, earlier, first_epoch=run.epoch + 1)
-        for board in boards:  # every checkpoint names its folder, for --resume
-            run.checkpoint_meta["tensorboard_run"] = board.name
-        run.watchers.extend([*watchers, *boards])
-    if not cfg.no_plots and resume is None and ranks.main:
-        import plots
+    with folder_lock(draft.model_dir, "--model-dir") if ranks.main else nullcontext():
+        name = ddp.device_name(draft.device, ranks, torch.cuda.is_available())
+        device, precision = model.setup_device(name, draft.precision)
+        ddp.start(ranks, device)
+        splits = dataset.load_splits(
+            draft.train, draft.test, draft.max_rows, draft.val_split, draft.seed
+        )
+        cfg = Config.for_task(given, splits.task)
+        run = build_run(cfg, splits, device, precision, ranks)
+        if resume is not None:
+            restore_training_state(run, resume)
+        processes = f"; {ranks.world} processes (torchrun)" if ranks.world > 1 else ""
+        print(
+            f"training {cfg.arch} (--preset {cfg.preset}, {splits.task}) on "
+            f"{len(splits.train):,} images ({len(splits.val):,} for validation) from "
+            f"{splits.parsed.source}; {device.type}, {precision.describe()}{processes}"
+        )
+        if ranks.main:
+            attach_watchers(run, watchers, (resume or {}).get("tensorboard_run"))
+        if not cfg.no_plots and resume is None and ranks.main:
+            import plots
 
-        plots.exploration_figures(splits.parsed, run.augment, Path(cfg.out_dir))
-    fit(run)
-    summary = finish(run, splits, started) if ranks.main else {}
-    ddp.wait_for_all(ranks)
+            plots.exploration_figures(splits.parsed, run.augment, Path(cfg.out_dir))
+        fit(run)
+        summary = finish(run, splits, started) if ranks.main else {}
+        ddp.wait_for_all(ranks)
     return summary
+
+
+def attach_watchers(run: Run, watchers: tuple[Watcher, ...], earlier_board: str | None) -> None:
+    """`watchers` and the TensorBoard log (continuing `earlier_board` when resumed) watch `run`."""
+    boards = tensorboard_log.boards(run.cfg, earlier_board, first_epoch=run.epoch + 1)
+    for board in boards:  # every checkpoint names its folder, for --resume
+        run.checkpoint_meta["tensorboard_run"] = board.name
+    run.watchers.extend([*watchers, *boards])
 
 
 def resume_run(given: dict, ranks: ddp.Ranks = ddp.SINGLE) -> dict:
@@ -640,6 +663,12 @@ def resume_run(given: dict, ranks: ddp.Ranks = ddp.SINGLE) -> dict:
     if "optimizer" not in last or "rng" not in last:
         raise UserError(f"{path}: not resumable (resume from last.pt, not best.pt)")
     model.model_from_checkpoint(last, path)  # incompatible weights fail here, at once
+    config.check_saved(last.get("config", {}), str(path))
+    if last.get("config", {}).get("arch", last["arch"]) != last["arch"]:
+        raise UserError(
+            f"{path}: its settings name arch {last['config']['arch']!r}, its weights "
+            f"{last['arch']!r} (a damaged or hand-edited last.pt; start a new run)"
+        )
     cfg = Config.resumed(last["config"], given, path)
     config.check_extension(cfg, last)
     if last["epoch"] >= cfg.epochs:

@@ -14,6 +14,7 @@ and tune.json into --out-dir.
 
 from __future__ import annotations
 
+import logging
 import time
 import warnings
 from collections import Counter
@@ -105,9 +106,26 @@ def parse_args(argv: list[str] | None) -> TuneConfig:
 
 
 def storage_url(cfg: TuneConfig) -> str:
-    """The storage's URL: as given, a file path as SQLite, or OUT_DIR/study.db."""
+    """The storage's URL: as given, a file path as SQLite, or OUT_DIR/study.db; an in-memory
+    SQLite database (which each of Optuna's threads would see empty) is refused."""
     given = cfg.storage or str(Path(cfg.out_dir) / "study.db")
+    if given.rstrip("/") == "sqlite:" or given.endswith(":memory:"):
+        raise UserError(
+            f"--storage {given}: an in-memory database cannot hold a study (give a file, as "
+            "--storage study.db, or a database server's URL)"
+        )
     return given if "://" in given else f"sqlite:///{Path(given).resolve()}"
+
+
+class QuietUserErrors(logging.Filter):
+    """Drops Optuna's log record of a trial that failed on a UserError: that error's own line
+    is what the user sees, not a traceback before it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], UserError))
+
+
+QUIET_USER_ERRORS = QuietUserErrors()
 
 
 def open_study(cfg: TuneConfig, task: str):
@@ -274,8 +292,10 @@ def search(cfg: TuneConfig) -> dict:
 
     ensure_writable(cfg.out_dir, "--out-dir")
     train_csv = cfg.train or dataset.find_data("train")
-    task = dataset.task_of(dataset.load_csv(train_csv).class_names)
-    study = open_study(cfg, task)
+    model.setup_device(cfg.device, cfg.precision)  # what would fail every trial fails here,
+    splits = dataset.load_splits(train_csv, None, cfg.max_rows, cfg.val_split, cfg.seed)
+    study = open_study(cfg, splits.task)  # before a trial is saved as failed
+    optuna.logging.get_logger("optuna").addFilter(QUIET_USER_ERRORS)  # added once
     states = tuple(getattr(optuna.trial.TrialState, name) for name in FINISHED)
     done = sum(t.state in states for t in study.trials)
     print(f"study {cfg.study} in {storage_url(cfg)}: {done} of {cfg.trials} trials finished")

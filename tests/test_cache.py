@@ -117,3 +117,26 @@ def test_a_first_parse_of_a_big_file_says_so_and_a_cached_load_does_not(
     monkeypatch.setattr(dataset, "ANNOUNCED_BYTES", size + 1)
     dataset.load_csv(path, cache=False)  # smaller than the threshold: parsed without a word
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        {"labels": np.full(6, 200)},  # a label no class has
+        {"images": np.zeros((6, 5, 5), np.uint8)},  # not 28x28
+        {"images": np.zeros((6, 28, 28), np.float64)},  # not the parser's bytes
+        {"labels": np.zeros(3, np.int64)},  # not one per row
+        {"layout": "whatever"},
+    ],
+)
+def test_a_cache_entry_edited_under_its_key_is_parsed_again(write_csv, edit):
+    table = make_table(6, seed=4)
+    path = write_csv("e.csv", table)
+    dataset.load_csv(path)
+    entry, _ = dataset._cache_entry(path)
+    with np.load(entry) as cached:
+        fields = {name: cached[name] for name in cached.files}
+    np.savez(entry, **{**fields, **edit})  # the key kept: only the content lies
+    again = dataset.load_csv(path)
+    np.testing.assert_array_equal(again.labels, table[:, 0])
+    np.testing.assert_array_equal(again.images.reshape(6, -1), table[:, 1:])

@@ -21,7 +21,7 @@ import onnx_model
 import parallel
 import predict
 import train
-from cli import run_cli
+from cli import UserError, run_cli
 
 pytestmark = pytest.mark.numerics
 
@@ -185,3 +185,50 @@ def test_bad_exports_get_one_line_and_exit_2(
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith("error: ") and expected in line
     assert not (tmp_path / "s.csv").exists() and not (tmp_path / "m.onnx").exists()
+
+
+def _edited(source: str, edit: str):
+    """The export at `source` with its inputs or outputs changed as `edit` says."""
+    m = onnx.load(source)
+    graph = m.graph
+    if edit == "renamed input":
+        old = graph.input[0].name
+        graph.input[0].name = "images"
+        for node in graph.node:
+            node.input[:] = ["images" if name == old else name for name in node.input]
+    elif edit == "fixed batch of 1":
+        graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    elif edit == "extra input":
+        graph.input.append(onnx.helper.make_tensor_value_info("extra", onnx.TensorProto.FLOAT, [1]))
+    elif edit == "extra output":
+        inner = graph.node[0].output[0]
+        graph.output.append(onnx.helper.make_tensor_value_info(inner, onnx.TensorProto.FLOAT, None))
+    return m
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        ("renamed input", "the graph takes images tensor(float)"),
+        ("fixed batch of 1", "the graph takes pixels tensor(float) [1, 28, 28]"),
+        ("extra input", "the graph takes pixels tensor(float)"),
+        ("extra output", "the graph gives probabilities tensor(float)"),
+    ],
+)
+def test_an_export_whose_inputs_or_outputs_do_not_fit_is_refused_at_load(
+    tmp_path, exported, edit, expected
+):
+    onnx.save(_edited(exported["one"], edit), tmp_path / "edited.onnx")
+    with pytest.raises(UserError) as err:
+        onnx_model.OnnxEnsemble(str(tmp_path / "edited.onnx"))
+    assert expected in str(err.value)
+
+
+def test_class_names_given_as_one_string_are_refused(tmp_path, exported):
+    m = onnx.load(exported["one"])
+    onnx.helper.set_model_props(
+        m, {**{p.key: p.value for p in m.metadata_props}, "class_names": '"0123456789"'}
+    )
+    onnx.save(m, tmp_path / "names.onnx")
+    with pytest.raises(UserError, match="damaged export metadata: class_names is not a list"):
+        onnx_model.OnnxEnsemble(str(tmp_path / "names.onnx"))

@@ -109,6 +109,18 @@ def test_a_directory_where_a_checkpoint_goes_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "models" / "best.pt").exists()  # the pair is written together
 
 
+def test_a_second_run_on_a_model_folder_in_use_is_refused_naming_the_first(tmp_path, capsys):
+    models = tmp_path / "models"
+    models.mkdir()
+    with atomic.folder_lock(models, "--model-dir"):  # as a first run holds it
+        code, line = error_line(train.main, quick(tmp_path), capsys)
+    assert code == 2
+    assert f"--model-dir {models}: another run (pid {os.getpid()}) is writing there" in line
+    assert sorted(p.name for p in models.iterdir()) == [".lock"]  # nothing of the second run
+    train.main(quick(tmp_path))  # once the first has ended, the folder is free again
+    assert (models / "best.pt").is_file()
+
+
 @pytest.mark.parametrize("flag", ["--model-dir", "--out-dir"])
 def test_a_file_where_an_output_folder_goes_is_refused_before_training(tmp_path, capsys, flag):
     (tmp_path / "file").write_text("a file, not a folder")

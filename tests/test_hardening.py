@@ -246,6 +246,51 @@ def test_a_resume_that_cannot_do_as_asked_is_refused(
     assert expected in line
 
 
+def _damaged_last(last: dict, damage: str) -> dict:
+    """A copy of a last.pt's fields, damaged as `damage` says."""
+    last = {**last, "rng": dict(last["rng"]), "config": dict(last["config"])}
+    if damage == "short rng state":
+        rng = last["rng"]
+        rng |= {"torch": rng["torch"][:10], "ranks": [state[:10] for state in rng.get("ranks", [])]}
+    elif damage == "optimizer without groups":
+        last["optimizer"] = {"state": {}, "param_groups": []}
+    elif damage == "optimizer a string":
+        last["optimizer"] = "adamw"
+    elif damage == "lr nan":
+        groups = [{**g, "lr": float("nan")} for g in last["optimizer"]["param_groups"]]
+        last["optimizer"] = {**last["optimizer"], "param_groups": groups}
+    elif damage == "config a string":
+        last["config"] = "strong"
+    elif damage == "config arch not the weights'":
+        last["config"]["arch"] = "strong"
+    elif damage == "batch size 0":
+        last["config"]["batch_size"] = 0
+    elif damage == "epochs a string":
+        last["config"]["epochs"] = "many"
+    return last
+
+
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [
+        ("short rng state", "its training state does not fit this run"),
+        ("optimizer without groups", "its training state does not fit this run"),
+        ("optimizer a string", "its training state does not fit this run"),
+        ("lr nan", "its optimizer's learning rates [nan] are not numbers"),
+        ("config a string", "config is not a dictionary of settings"),
+        ("config arch not the weights'", "its settings name arch 'strong', its weights 'basic'"),
+        ("batch size 0", "its saved setting --batch-size 0: must be at least 1"),
+        ("epochs a string", "its setting epochs 'many' is not int"),
+    ],
+)
+def test_a_damaged_last_pt_is_refused_in_one_line(finished, tmp_path, capsys, damage, expected):
+    last = model.load_checkpoint(finished["plain"] / "models" / "last.pt")
+    model.save_checkpoint(tmp_path / "last.pt", _damaged_last(last, damage))
+    code, line = run(train.main, ["--resume", str(tmp_path / "last.pt"), "--epochs", "3"], capsys)
+    assert code == 2
+    assert f"{tmp_path / 'last.pt'}: " in line and expected in line
+
+
 # ---------------------------------------------------------------- 5. a diverged run
 
 
@@ -363,6 +408,9 @@ def test_a_large_photo_is_prepared_like_a_small_one(tmp_path):
 # ---------------------------------------------------------------- 9. checkpoints that load but lie
 
 
+EPOCH = {"epoch": 1, "train_loss": 0.5, "train_acc": 0.9, "val_loss": 0.4, "val_acc": 0.9}
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> dict:
     """A real checkpoint's fields, with a network that fits them."""
@@ -387,8 +435,24 @@ def checkpoint(tmp_path_factory) -> dict:
             "num_classes=100000000 is not a whole number in 2..1000",
         ),
         ({"class_names": ["a", "b", "c"]}, "3 class names for a 10-class network"),
-        ({"mean": "abc"}, "mean 'abc' is not a number"),
-        ({"std": 0.0}, "std 0.0 is not positive"),
+        ({"mean": "abc"}, "mean 'abc' is not a pixel statistic in 0..255"),
+        ({"mean": 1e308}, "mean 1e+308 is not a pixel statistic in 0..255"),
+        ({"std": 0.0}, "std 0.0 is not a pixel statistic in 1e-06..255"),
+        ({"format": "1"}, "checkpoint format '1' is not 1"),
+        ({"format": torch.tensor(1)}, "checkpoint format tensor(1) is not 1"),
+        ({"state_dict": {0: torch.zeros(3)}}, "state_dict is not a dictionary of named weight"),
+        ({"state_dict": "weights"}, "state_dict is not a dictionary of named weight"),
+        ({"state_dict": "nan"}, "weight 0.weight is not finite (NaN or infinite values)"),
+        ({"state_dict": "inf"}, "weight 0.weight is not finite (NaN or infinite values)"),
+        ({"class_names": [""] * 10}, "class name '' is not 1..100 printable characters"),
+        ({"class_names": [*"012345678", "a,b"]}, "class name 'a,b' is not 1..100 printable"),
+        ({"class_names": [*"012345678", "a\nb"]}, "class name 'a\\nb' is not 1..100"),
+        ({"config": "strong"}, "config is not a dictionary of settings"),
+        ({"config": None}, "config is not a dictionary of settings"),
+        ({"seen_rows": {"train": torch.zeros(2, dtype=torch.int64)}}, "seen_rows is not the leak"),
+        ({"seen_rows": [1, 2]}, "seen_rows is not the leak guard's row hashes"),
+        ({"history": [{**EPOCH, "epoch": 1e30}]}, "history is not a list of epoch records"),
+        ({"history": [{**EPOCH, "val_loss": float("nan")}]}, "history is not a list of epoch"),
         ({"state_dict": {"0.weight": torch.zeros(3)}}, "weights do not fit basic"),
         ({"temperature": -1.0}, "temperature -1.0 is not a positive number"),
         ({"temperature": float("nan")}, "temperature nan is not a positive number"),
@@ -400,6 +464,10 @@ def checkpoint(tmp_path_factory) -> dict:
 def test_a_lying_checkpoint_is_refused_before_anything_is_written(
     tmp_path, capsys, checkpoint, lie, expected
 ):
+    if lie.get("state_dict") in ("nan", "inf"):  # the real weights, one of them not finite
+        weights = {k: v.clone() for k, v in checkpoint["state_dict"].items()}
+        weights["0.weight"][0, 0, 0, 0] = float(lie["state_dict"])
+        lie = {"state_dict": weights}
     model.save_checkpoint(tmp_path / "lie.pt", {**checkpoint, **lie})
     output = tmp_path / "submission.csv"
     argv = [

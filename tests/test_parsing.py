@@ -194,6 +194,15 @@ BAD_FILES = {  # name: how to write it from a good table, and what the error mus
         lambda table, header: "1,2,3\n",
         "headerless-width.csv:1: 3 columns",
     ),
+    "huge-integer.csv": (
+        lambda table, header: _row_text(table, 2, 9, "9" * 400),
+        "huge-integer.csv:3: column 10 (1x9): pixel 99999999999999999999... (400 characters) "
+        "is outside 0..255",
+    ),
+    "underscore.csv": (  # Python's float() reads 1_0 as 10; a CSV number has no underscore
+        lambda table, header: _row_text(table, 1, 2, "1_0"),
+        "underscore.csv:2: column 3 (1x2): '1_0' is not a number",
+    ),
 }
 BAD_CONTAINERS = {  # name: what the error must say
     "missing.csv": "missing.csv: no such file",
@@ -203,7 +212,21 @@ BAD_CONTAINERS = {  # name: what the error must say
     "several.zip::c.csv": "several.zip: no single member named c.csv",
     "corrupt.zip": "corrupt.zip: corrupt zip file",
     "corrupt.csv.gz": "corrupt.csv.gz: corrupt gzip file",
+    "encrypted.zip": "encrypted.zip::a.csv: the member is encrypted",
+    "deflate64.zip": "deflate64.zip::a.csv: compressed with Deflate64, which Python's zipfile",
 }
+
+
+def _zip_claiming(path, name: str, text: str, flags: int = 0, method: int = 0) -> None:
+    """A zip whose one member's headers claim these flags (1: encrypted, as `zip -P` marks it)
+    and compression method (9: Deflate64), which zipfile cannot write."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr(name, text)
+    raw = bytearray(path.read_bytes())
+    for signature, at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):  # local, central header
+        at += raw.index(signature)
+        raw[at : at + 4] = flags.to_bytes(2, "little") + method.to_bytes(2, "little")
+    path.write_bytes(bytes(raw))
 
 
 def _write_bad_containers(tmp_path) -> None:
@@ -216,6 +239,8 @@ def _write_bad_containers(tmp_path) -> None:
         zf.writestr("b.csv", header + "\n")
     (tmp_path / "adir").mkdir()
     (tmp_path / "corrupt.zip").write_bytes(b"PK\x03\x04 definitely not a zip")
+    _zip_claiming(tmp_path / "encrypted.zip", "a.csv", header + "\n", flags=1)
+    _zip_claiming(tmp_path / "deflate64.zip", "a.csv", header + "\n", method=9)
     good_gz = gzip.compress(csv_text(table, None).encode())
     (tmp_path / "corrupt.csv.gz").write_bytes(good_gz[: len(good_gz) // 2])
 
@@ -231,6 +256,23 @@ def bad_input(request, tmp_path) -> tuple[str, str]:
         return str(tmp_path / request.param), expected
     _write_bad_containers(tmp_path)
     return str(tmp_path / request.param), BAD_CONTAINERS[request.param]
+
+
+def test_old_mac_line_ends_read_as_lines(tmp_path):
+    table = make_table(40, seed=3)  # more than the first 64 KiB, which must hold a line end
+    text = csv_text(table, dataset.LAYOUTS["mnist-in-csv"][0]).replace("\n", "\r")
+    (tmp_path / "mac.csv").write_text(text, newline="")
+    data = dataset.read_csv(tmp_path / "mac.csv")
+    np.testing.assert_array_equal(data.labels, table[:, 0])
+    np.testing.assert_array_equal(data.images.reshape(40, -1), table[:, 1:])
+
+
+def test_a_link_to_nothing_is_not_called_a_missing_file(tmp_path):
+    (tmp_path / "loop.csv").symlink_to(tmp_path / "loop.csv")
+    (tmp_path / "broken.csv").symlink_to(tmp_path / "gone.csv")
+    for name in ("loop.csv", "broken.csv"):
+        with pytest.raises(UserError, match="a symbolic link to nothing"):
+            dataset.read_csv(tmp_path / name)
 
 
 def test_bad_input_raises_a_user_error_naming_file_line_and_column(bad_input):

@@ -118,6 +118,63 @@ def test_a_bad_request_gets_a_4xx_line_and_the_next_good_one_is_answered(
     assert client.post("/predict", content=Path(drawn).read_bytes()).status_code == 200
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [("GET", "/nowhere", 404), ("PUT", "/predict", 405), ("GET", "/openapi.json", 404)],
+)
+def test_unknown_paths_and_methods_get_the_same_one_line_error(client, method, path, status):
+    response = client.request(method, path)
+    assert response.status_code == status
+    assert set(response.json()) == {"error"}
+    assert response.json()["error"].startswith(f"{method} {path}: ")
+
+
+def test_head_is_answered_as_get(client):
+    for path in ("/", "/health"):
+        assert client.head(path).status_code == 200
+
+
+def test_a_fault_in_the_model_is_a_500_json_line_and_the_server_goes_on(client, drawn, monkeypatch):
+    def broken(image):
+        raise ValueError("weights gone\nsecond line")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(serve, "answer", lambda models, image: broken(image))
+        response = client.post("/predict", content=Path(drawn).read_bytes())
+    assert response.status_code == 500
+    assert response.json() == {"error": "the server failed on this image: weights gone"}
+    assert client.post("/predict", content=Path(drawn).read_bytes()).status_code == 200
+
+
+def test_a_port_in_use_is_one_line_before_anything_says_it_serves(tmp_path, capsys):
+    taken = serve.listen("127.0.0.1", 0)
+    port = taken.getsockname()[1]
+    taken.listen()
+    try:
+        with pytest.raises(UserError, match=f"--port {port}: cannot listen there: .*--port"):
+            serve.main(["--checkpoint", str(tmp_path / "best.pt"), "--port", str(port)])
+    finally:
+        taken.close()
+    assert "serving" not in capsys.readouterr().out
+
+
+def test_the_start_line_says_when_there_is_no_model(tmp_path):
+    free = serve.listen("127.0.0.1", 0)
+    port = str(free.getsockname()[1])
+    free.close()
+    script = (
+        "import sys, serve, uvicorn; uvicorn.Server.run = lambda self, sockets: None; "
+        "serve.main(sys.argv[1:])"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, "--checkpoint", str(tmp_path / "best.pt"), "--port", port],
+        cwd=serve.PAGE.parent,
+        capture_output=True,
+        text=True,
+    )
+    assert done.stdout.startswith(f"serving on http://127.0.0.1:{port}: No trained model at ")
+
+
 def test_without_a_model_the_page_says_how_to_train_one(tmp_path):
     client = TestClient(serve.create_app(str(tmp_path / "best.pt")))
     assert "No trained model at" in client.get("/").text

@@ -189,13 +189,13 @@ def test_an_ensemble_prints_the_command_that_predicts_with_it(ensemble):
     [
         ([], "digits", ("strong", 15, 128, 3e-3, True)),
         ([], "fashion", ("wide", 20, 128, 3e-3, True)),
-        (["--preset", "fast"], "digits", ("basic_bn", 6, 256, 1e-2, False)),
+        (["--preset", "fast"], "digits", ("basic_bn", 2, 256, 1e-2, False)),
         (["--preset", "fast"], "fashion", ("basic_bn", 6, 256, 1e-2, False)),
         (["--epochs", "3", "--no-augment"], "fashion", ("wide", 3, 128, 3e-3, False)),
         (
             ["--preset", "fast", "--lr", "2e-3", "--arch", "basic"],
             "digits",
-            ("basic", 6, 256, 2e-3, False),
+            ("basic", 2, 256, 2e-3, False),
         ),
     ],
 )
@@ -211,7 +211,9 @@ def test_the_config_defaults_are_the_digit_recipe():
 def test_help_shows_what_each_preset_makes_of_a_recipe_flag(capsys):
     with pytest.raises(SystemExit):
         config.parse_args(["--help"])
-    assert "best: 15, Fashion-MNIST 20; fast: 6" in " ".join(capsys.readouterr().out.split())
+    assert "best: 15, Fashion-MNIST 20; fast: 2, Fashion-MNIST 6" in " ".join(
+        capsys.readouterr().out.split()
+    )
 
 
 def test_a_resumed_run_keeps_its_settings_but_runs_as_told_here():
@@ -262,7 +264,7 @@ def recipes(tmp_path_factory):
     [
         ("digits", ("strong", 1, 128, 3e-3, True)),
         ("fashion", ("wide", 1, 128, 3e-3, True)),
-        ("fast", ("basic_bn", 6, 256, 1e-2, False)),
+        ("fast", ("basic_bn", 2, 256, 1e-2, False)),
     ],
 )
 def test_a_checkpoint_saves_the_recipe_its_run_used(recipes, run, expected):

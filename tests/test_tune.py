@@ -136,3 +136,30 @@ def test_trials_are_compared_at_the_same_share_of_their_schedules(epochs, steps)
 def test_an_unreachable_storage_is_one_line(tmp_path):
     with pytest.raises(tune.UserError, match="--storage nosuchdriver://x: cannot open it"):
         tune.main(tune_args(tmp_path, "--storage", "nosuchdriver://x"))
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:"])
+def test_an_in_memory_storage_is_refused_in_one_line(tmp_path, url):
+    with pytest.raises(tune.UserError, match=f"--storage {url}: an in-memory database cannot"):
+        tune.main(tune_args(tmp_path, "--storage", url))
+
+
+def test_a_flag_that_fails_every_trial_fails_before_the_first_is_saved(tmp_path):
+    with pytest.raises(tune.UserError, match="1 labelled row; training needs at least 2"):
+        tune.main([*tune_args(tmp_path), "--max-rows", "1"])
+    assert not (tmp_path / "study.db").exists()  # no study, so no failed trial in it
+
+
+def test_optuna_logs_no_traceback_of_a_trial_that_failed_on_a_user_error():
+    record = optuna.logging.get_logger("optuna").makeRecord(
+        "optuna",
+        30,
+        __file__,
+        1,
+        "Trial 0 failed",
+        None,
+        (tune.UserError, tune.UserError("x"), None),
+    )
+    assert tune.QUIET_USER_ERRORS.filter(record) is False
+    record.exc_info = (ValueError, ValueError("a fault"), None)
+    assert tune.QUIET_USER_ERRORS.filter(record) is True
