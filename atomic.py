@@ -118,10 +118,16 @@ def write_files(contents: dict[Path, bytes]) -> None:
         _sweep_stale_temporaries(path)
 
 
-def ensure_writable(directory: str | Path, flag: str) -> None:
-    """Make `directory` (given as `flag`) if needed and check that files can be written there,
-    before work that would be lost if they could not."""
+def ensure_writable(directory: str | Path, flag: str, create: bool = False) -> None:
+    """Check that files can be written in `directory` (given as `flag`), before work that would
+    be lost if they could not, with a probe file there. Folders made for the probe are removed
+    again unless `create` says to keep them (the first write makes them), so that a refused run
+    leaves no empty folder behind."""
     directory = Path(directory)
+    missing, folder = [], directory  # the folders the probe needs made, the deepest first
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
     try:
         directory.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=directory, prefix=".write-check.")
@@ -129,6 +135,10 @@ def ensure_writable(directory: str | Path, flag: str) -> None:
         os.unlink(probe)
     except OSError as e:
         raise WriteError(directory, e, flag) from None
+    finally:
+        for made in [] if create else missing:  # the deepest first
+            with suppress(OSError):
+                made.rmdir()
 
 
 LOCK_NAME = ".lock"  # in a folder a process holds (folder_lock): the holder's pid
@@ -141,8 +151,11 @@ def folder_lock(directory: str | Path, flag: str) -> Iterator[None]:
     the block or with the process, even a killed one."""
     import fcntl
 
-    path = Path(directory) / LOCK_NAME
+    directory = Path(directory)
+    made = not directory.exists()
+    path = directory / LOCK_NAME
     try:
+        directory.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
         raise WriteError(path, e, flag) from None
@@ -159,6 +172,11 @@ def folder_lock(directory: str | Path, flag: str) -> Iterator[None]:
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
+    except BaseException:
+        if made and [p.name for p in directory.iterdir()] == [LOCK_NAME]:  # a refused run:
+            path.unlink()  # no empty folder left behind
+            directory.rmdir()
+        raise
     finally:
         os.close(fd)  # releases the lock
 

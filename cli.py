@@ -46,12 +46,48 @@ def _terminate(signum, frame) -> None:
     raise Terminated
 
 
+VERSION = "2026.12"  # the project's, by the month of its release
+
+
+def version_line() -> str:
+    """--version's answer: the project's version, and Python's and torch's (read without
+    importing torch)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        torch = version("torch")
+    except PackageNotFoundError:
+        torch = "not installed"
+    return f"%(prog)s {VERSION} (Python {sys.version.split()[0]}, torch {torch})"
+
+
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's real default: none shown where there is none to show (None, or a
+    help text that says it), a list as its words, a path inside the current folder as a
+    relative one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        default, text = action.default, action.help or ""
+        unset = default is None or default is argparse.SUPPRESS
+        if unset or "default:" in text or not action.option_strings:
+            return text
+        if isinstance(default, list | tuple):
+            default = " ".join(map(str, default))
+        if isinstance(default, os.PathLike):
+            default = os.fspath(default)
+        if isinstance(default, str) and os.path.isabs(default):
+            relative = os.path.relpath(default)
+            default = default if relative.startswith("..") else relative
+        return f"{text} (default: {str(default).replace('%', '%%')})"
+
+
 class CLIParser(argparse.ArgumentParser):
     """argparse with every default in --help and bad flags reported as one UserError line."""
 
     def __init__(self, *args, **kwargs) -> None:
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
         super().__init__(*args, **kwargs)
+        self.add_argument("--version", action="version", version=version_line())
 
     def error(self, message: str):
         raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")

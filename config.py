@@ -13,7 +13,7 @@ import torch
 
 import dataset
 import model
-from cli import CLIParser, UserError, working_root
+from cli import PROGRESS_SECONDS, CLIParser, UserError, working_root
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,7 @@ class Config:
     precision: str = field(default_factory=model.default_precision, metadata=HERE)
     deterministic: bool = field(default=False, metadata=HERE)
     compile: bool = field(default=False, metadata=HERE)
+    log_interval: float = field(default=PROGRESS_SECONDS, metadata=HERE)
     quiet: bool = field(default=False, metadata=HERE)
     no_plots: bool = field(default=False, metadata=HERE)
     tensorboard: str | None = field(default=None, metadata=HERE)
@@ -157,10 +158,14 @@ def build_parser() -> CLIParser:
 def add_data_arguments(group, value) -> None:
     """Which rows train, validate and test; `value(name)` is a flag's default."""
     group.add_argument(
-        "--train", default=value("train"), help="training CSV (.csv, .gz, .zip); None: found"
+        "--train",
+        default=value("train"),
+        help="training CSV (.csv, .gz, .zip) (default: found, see docs/data.md)",
     )
     group.add_argument(
-        "--test", default=value("test"), help="labelled test CSV, scored at the end; None: found"
+        "--test",
+        default=value("test"),
+        help="labelled test CSV, scored at the end (default: found beside the training CSV)",
     )
     group.add_argument(
         "--max-rows", type=int, default=value("max_rows"), help="use the first N training rows"
@@ -190,12 +195,20 @@ def add_run_arguments(group, value) -> None:
             "torch.compile the training steps (a GPU's option: on a CPU compiling costs "
             "more than it saves, bench/compile_cost.py)",
         ),
-        ("quiet", "no progress within an epoch (a bar on a terminal, else a line every 30 s)"),
+        ("quiet", "no progress within an epoch (a bar on a terminal, else a line now and then)"),
         ("no_plots", "draw no figures"),
     ):
         group.add_argument(
             f"--{flag.replace('_', '-')}", action="store_true", default=value(flag), help=what
         )
+    group.add_argument(
+        "--log-interval",
+        type=float,
+        default=value("log_interval"),
+        metavar="SECONDS",
+        help="seconds between progress lines within an epoch where stderr is not a terminal (a "
+        "log file, a notebook cell)",
+    )
     group.add_argument(
         "--tensorboard",
         nargs="?",
@@ -261,14 +274,14 @@ def add_optimization_arguments(group, value) -> None:
         "--weight-decay",
         type=float,
         default=value("weight_decay"),
-        help="the optimizer's weight decay; None: its setting above",
+        help="the optimizer's weight decay (default: its setting above)",
     )
     group.add_argument(
         "--width",
         type=int,
         default=value("width"),
-        help="channels of the first block, for architectures with a width (strong: 32); None: "
-        "the architecture's own",
+        help="channels of the first block, for architectures with a width (default: the "
+        "architecture's own; strong: 32)",
     )
     group.add_argument(
         "--augment-strength",
@@ -291,6 +304,7 @@ RANGES = {
     "weight_decay": (0, 1.0, True),
     "augment_strength": (0, 3.0, True),
     "width": (1, model.MAX_WIDTH, True),
+    "log_interval": (0, math.inf, False),
 }
 
 

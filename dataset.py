@@ -769,8 +769,22 @@ def load_splits(
     def part(which: np.ndarray) -> CSVData:
         return CSVData(images[which], labels[which], parsed.layout, parsed.source)
 
-    labelled = test_data if test_data is not None and test_data.labels is not None else None
-    return Splits(parsed, part(train_rows), part(val_rows), labelled)
+    return Splits(parsed, part(train_rows), part(val_rows), scored_test(test_data, test))
+
+
+def scored_test(test_data: CSVData | None, given: str | None) -> CSVData | None:
+    """The test CSV when it has labels to score; an unlabelled one given as --test is named
+    in a note, not passed over in silence (one found by itself, as Digit Recognizer's
+    test.csv, is meant for predict.py)."""
+    if test_data is not None and test_data.labels is None:
+        if given is not None:
+            print(
+                f"note: --test {test_data.source}: no labels, so it is not scored (predict it "
+                f"with: python predict.py --input {test_data.source})",
+                file=sys.stderr,
+            )
+        return None
+    return test_data
 
 
 def row_hashes(images: np.ndarray) -> np.ndarray:
@@ -1037,7 +1051,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     ex.add_argument("--no-plots", action="store_true", help="print statistics only")
     dl = sub.add_parser("download", help=f"fetch {KAGGLE_DATASET} with the kaggle client")
-    dl.add_argument("--dest", type=Path, default=DATA_DIR, help="download directory (data/)")
+    dl.add_argument("--dest", type=Path, default=DATA_DIR, help="download directory")
     dl.add_argument("--no-unzip", action="store_true", help="keep the zip as it is")
     dl.add_argument(
         "--competition",

@@ -2,7 +2,12 @@
 prepared the way MNIST was made. Pillow and numpy only (no torch), so that the web server
 (serve.py) can prepare images without importing torch."""
 
+import os
+import sys
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
@@ -18,7 +23,11 @@ def preprocess_image(source: str | Path | IO[bytes], name: str | None = None) ->
     from PIL import Image
 
     name = name or str(source)
-    ink = _ink(_open_image(source, name))
+    img = _open_image(source, name)
+    try:
+        ink = _ink(img)
+    except (ValueError, OSError) as e:  # a colour mode with no way to gray
+        raise UserError(f"{name}: not a readable image: {first_line(e)}") from None
     if ink.max() <= 0:
         raise UserError(f"{name}: no digit found (the image is blank)")
     ink = ink / ink.max()
@@ -43,6 +52,11 @@ def preprocess_image(source: str | Path | IO[bytes], name: str | None = None) ->
 
 MAX_IMAGE_PIXELS = 50_000_000  # 8,660 x 5,773: larger than any phone photo of a digit
 WORK_SIDE = 1024  # an image's longest side while it is prepared; the digit ends 20 pixels tall
+# What photos, scans and drawings come as (JPEG includes phones' multi-picture files). Containers
+# that decode an embedded image on opening, before its size can be checked (ICO, CUR), and
+# formats no camera or drawing program writes (DDS and the like) are refused unread.
+FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
+WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")  # 16- and 32-bit gray, float gray
 
 
 class ImageTooLarge(UserError):
@@ -54,10 +68,13 @@ def _open_image(source: str | Path | IO[bytes], name: str):
     reduced scale): memory stays bounded; one over MAX_IMAGE_PIXELS is refused unread."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    if isinstance(source, str | Path) and Path(source).exists() and not Path(source).is_file():
+        raise UserError(f"{name}: is a directory, pipe or device, not an image file")
+    Image.init()  # every plugin registered, so that FORMATS can name them
     try:
-        with warnings.catch_warnings():  # Pillow warns of large images; they are refused here
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(source) as img:
+        with warnings.catch_warnings(), quiet_c_stderr():  # Pillow's and libtiff's messages
+            warnings.simplefilter("ignore")
+            with Image.open(source, formats=FORMATS) as img:
                 if img.width * img.height > MAX_IMAGE_PIXELS:
                     raise Image.DecompressionBombError(f"{img.width} x {img.height}")
                 img.draft(None, (WORK_SIDE, WORK_SIDE))
@@ -69,10 +86,34 @@ def _open_image(source: str | Path | IO[bytes], name: str):
         raise ImageTooLarge(
             f"{name}: more than {MAX_IMAGE_PIXELS:,} pixels, too large to read (resize it)"
         ) from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except UnidentifiedImageError:
+        kinds = ", ".join(FORMATS[:-1])
+        raise UserError(f"{name}: not a readable image (give a {kinds} or PPM file)") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as e:  # Pillow's for damaged files
         raise UserError(f"{name}: not a readable image: {first_line(e)}") from None
     img.thumbnail((WORK_SIDE, WORK_SIDE))
     return img
+
+
+@contextmanager
+def quiet_c_stderr() -> Iterator[None]:
+    """Standard error (file descriptor 2) pointed at /dev/null for the block: libtiff writes its
+    own line there for a damaged file ("Using code not yet in table."), before the one line that
+    reports the image. Python's own output in the block is lost too, so the block is kept to
+    decoding alone."""
+    with _STDERR_SWAP:  # threads (serve.py's) take turns, so that each restores the real one
+        sys.stderr.flush()
+        saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, 2)
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            os.close(null)
+
+
+_STDERR_SWAP = threading.Lock()
 
 
 def _ink(img) -> np.ndarray:
@@ -82,8 +123,21 @@ def _ink(img) -> np.ndarray:
         alpha = np.asarray(img.convert("RGBA"), dtype=np.float64)[..., 3]
         if alpha.min() < 255:
             return alpha - alpha.min()
-    gray = np.asarray(img.convert("L"), dtype=np.float64)
+    gray = _gray(img)
     border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
     background = float(np.median(border))
     ink = background - gray if background >= 128 else gray - background
     return np.clip(ink, 0, None)
+
+
+def _gray(img) -> np.ndarray:
+    """Gray levels 0..255 (float): 16-bit, 32-bit and float scans stretched from their own
+    darkest to lightest value (converting them to 8 bits would clip them to white), LAB
+    images by their lightness."""
+    if img.mode in WIDE_MODES:
+        gray = np.nan_to_num(np.asarray(img, dtype=np.float64))
+        low, high = gray.min(), gray.max()
+        return (gray - low) * (255 / (high - low)) if high > low else np.zeros_like(gray)
+    if img.mode == "LAB":
+        return np.asarray(img.getchannel(0), dtype=np.float64)
+    return np.asarray(img.convert("L"), dtype=np.float64)

@@ -184,7 +184,14 @@ PRECISION_HELP = (
 def add_device_arguments(parser, device_default, precision_default) -> None:
     """--device and --precision, as train.py and predict.py take them, on an argparse parser."""
     parser.add_argument(
-        "--device", default=device_default, help="cpu, cuda or mps; None: the best available"
+        "--device", default=device_default, help="cpu, cuda or mps (default: the best available)"
+    )
+    parser.add_argument(
+        "--no-accel",
+        dest="device",
+        action="store_const",
+        const="cpu",
+        help="the CPU even where a GPU is (--device cpu)",
     )
     parser.add_argument(
         "--precision", choices=PRECISIONS, default=precision_default, help=PRECISION_HELP

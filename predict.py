@@ -65,7 +65,10 @@ def parse_args(argv: list[str] | None) -> Options:
         default=default.checkpoint,
         help="one or more checkpoints; several average their probabilities (an ensemble)",
     )
-    p.add_argument("--input", help="CSV to predict (.csv, .csv.gz, .zip[::member]); None: found")
+    p.add_argument(
+        "--input",
+        help="CSV to predict (.csv, .csv.gz, .zip[::member]) (default: found, see docs/data.md)",
+    )
     p.add_argument("--output", default=default.output, help="submission CSV")
     p.add_argument("--probabilities", action="store_true", help="add columns prob_0..prob_9")
     p.add_argument(

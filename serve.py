@@ -35,6 +35,11 @@ class Options:
     checkpoint: str = field(default_factory=lambda: str(working_root() / "models" / "best.pt"))
     host: str = "127.0.0.1"
     port: int = 8000
+    device: str = "cpu"
+    precision: str | None = None  # predict.py's default: $MNIST_PRECISION, else auto
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # as train.py's and predict.py's --precision
 
 
 def parse_args(argv: list[str] | None) -> Options:
@@ -43,23 +48,39 @@ def parse_args(argv: list[str] | None) -> Options:
     p.add_argument("--checkpoint", default=default.checkpoint, help="a .pt checkpoint or .onnx")
     p.add_argument("--host", default=default.host, help="address to listen on (0.0.0.0: all)")
     p.add_argument("--port", type=int, default=default.port, help="port to listen on")
+    p.add_argument(
+        "--device", default=default.device, help="where a .pt checkpoint runs: cpu, cuda or mps"
+    )
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=default.precision,
+        help="how it computes there (default: $MNIST_PRECISION, else auto: bf16 where native, "
+        "else fp32); an .onnx export runs on onnxruntime's CPU in fp32",
+    )
     options = Options(**vars(p.parse_args(argv)))
     if not 0 < options.port < 65536:
         raise UserError(f"--port {options.port}: must be in 1..65535")
     return options
 
 
-def load(checkpoint: str):
-    """The model to serve: an ONNX export on onnxruntime, or checkpoints on the CPU; None when
-    the file does not exist yet (the page then says how to train one). Any other problem with
-    the file is a UserError."""
+def load(checkpoint: str, device: str = "cpu", precision: str | None = None):
+    """The model to serve: an ONNX export on onnxruntime, or a checkpoint on `device` in
+    `precision`; None when the file does not exist yet (the page then says how to train one).
+    Any other problem with the file is a UserError."""
     if not Path(checkpoint).is_file():
         return None
     if onnx_model.is_onnx(checkpoint):
+        if device != "cpu" or precision not in (None, "auto", "fp32"):
+            raise UserError(
+                f"--device {device} --precision {precision}: an ONNX export runs on "
+                "onnxruntime's CPU in fp32 (serve the .pt checkpoint for another device)"
+            )
         return onnx_model.OnnxEnsemble(checkpoint)  # without importing torch: a start in a second
     import predict
 
-    return predict.load_models(predict.Options(checkpoint=[checkpoint], device="cpu"))
+    chosen = {"precision": precision} if precision else {}
+    return predict.load_models(predict.Options(checkpoint=[checkpoint], device=device, **chosen))
 
 
 def decode(body: bytes) -> bytes:
@@ -69,7 +90,7 @@ def decode(body: bytes) -> bytes:
     if body[:5].lower() != b"data:":
         return body
     header, _, payload = body.partition(b",")
-    if b";base64" not in header:
+    if b";base64" not in header.lower():
         raise UserError("a data URL must be base64-encoded (data:image/png;base64,...)")
     try:
         return base64.b64decode(payload, validate=True)
@@ -152,14 +173,14 @@ async def read_body(request) -> bytes:
     return bytes(body)
 
 
-def create_app(checkpoint: str):
-    """The FastAPI app serving `checkpoint` (loaded once, now)."""
+def create_app(checkpoint: str, device: str = "cpu", precision: str | None = None):
+    """The FastAPI app serving `checkpoint` (loaded once, now, on `device` in `precision`)."""
     from fastapi import FastAPI, Request
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import HTMLResponse, JSONResponse
     from starlette.exceptions import HTTPException
 
-    models = load(checkpoint)
+    models = load(checkpoint, device, precision)
     app = FastAPI(title="MNIST CSV pipeline", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.models = models
     state = describe(models, checkpoint)
@@ -216,7 +237,7 @@ def listen(host: str, port: int) -> socket.socket:
 
 def main(argv: list[str] | None = None) -> None:
     options = parse_args(argv)
-    app = create_app(options.checkpoint)
+    app = create_app(options.checkpoint, options.device, options.precision)
     import uvicorn
 
     sock = listen(options.host, options.port)

@@ -348,12 +348,12 @@ def train_epoch(
     optimization: Optimization,
     precision: model.Precision,
     label_smoothing: float,
-    progress: str | None,
+    progress: tuple[str | None, float],
 ) -> torch.Tensor:
     """One pass over the shuffled (and augmented) training batches: the sums of the loss and of
     the right answers, the images seen, and the first batch (from 1) whose loss was not finite
-    (0: none), as one tensor for the ranks to reduce. `progress` labels the progress shown: a
-    live bar on a terminal, else a line every cli.PROGRESS_SECONDS; None shows none."""
+    (0: none), as one tensor for the ranks to reduce. `progress`: the label of the progress
+    shown (None: none), a live bar on a terminal, else a line about every so many seconds."""
     net.train()
     loss_sum = torch.zeros((), device=batches.device)
     correct = torch.zeros((), device=batches.device, dtype=torch.long)
@@ -363,7 +363,8 @@ def train_epoch(
     def stats() -> dict[str, str]:
         return {"loss": f"{loss_sum.item() / seen:.4f}", "acc": f"{correct.item() / seen:6.2%}"}
 
-    with Progress(progress, len(batches)) as shown:
+    label, every = progress
+    with Progress(label, len(batches), every) as shown:
         for i, (xb, yb) in enumerate(batches, 1):
             with precision.autocast(batches.device):
                 logits = net(xb)
@@ -445,7 +446,7 @@ def run_epoch(run: Run, epoch: int) -> None:
         run.optimization,
         run.precision,
         cfg.label_smoothing,
-        progress,
+        (progress, cfg.log_interval),
     )
     bad = ddp.reduce(torch.where(sums[3:] > 0, sums[3:], math.inf), run.ranks, "min")
     loss_sum, correct, seen = ddp.reduce(sums[:3].contiguous(), run.ranks).tolist()

@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None) -> TuneConfig:
     default = TuneConfig()
     p = CLIParser(description="Search the training recipe with Optuna (validation split only).")
     p.add_argument("--trials", type=int, default=default.trials, help="finished trials wanted")
-    p.add_argument("--train", default=None, help="training CSV; None: found")
+    p.add_argument("--train", default=None, help="training CSV (default: found, see docs/data.md)")
     p.add_argument("--max-rows", type=int, default=None, help="use the first N training rows")
     p.add_argument("--val-split", type=float, default=default.val_split, help="validation share")
     p.add_argument("--seed", type=int, default=default.seed, help="the trials' split and init")
@@ -76,9 +76,9 @@ def parse_args(argv: list[str] | None) -> TuneConfig:
         "--storage",
         default=None,
         help="Optuna storage: an RDB URL (sqlite:///..., postgresql://..., mysql://...) or a "
-        "SQLite file; None: OUT_DIR/study.db",
+        "SQLite file (default: OUT_DIR/study.db)",
     )
-    p.add_argument("--sampler-seed", type=int, default=None, help="TPE's seed; None: random")
+    p.add_argument("--sampler-seed", type=int, default=None, help="TPE's seed (default: random)")
     p.add_argument(
         "--max-epochs",
         type=int,
@@ -290,7 +290,7 @@ def search(cfg: TuneConfig) -> dict:
     """Run trials until the study holds `trials` finished ones; report the best."""
     import optuna
 
-    ensure_writable(cfg.out_dir, "--out-dir")
+    ensure_writable(cfg.out_dir, "--out-dir", create=True)  # the SQLite study goes there
     train_csv = cfg.train or dataset.find_data("train")
     model.setup_device(cfg.device, cfg.precision)  # what would fail every trial fails here,
     splits = dataset.load_splits(train_csv, None, cfg.max_rows, cfg.val_split, cfg.seed)

@@ -96,7 +96,7 @@ def ratios(peer: list[list[float]], ours: list[dict]) -> list[dict]:
 
 
 def label(point: dict) -> str:
-    return f"--preset {point['preset']} --epochs {point['epochs']} ({point['precision']})"
+    return f"--preset {point['preset']} --epochs {point['epochs']}"
 
 
 def draw(peer: list[list[float]], ours: list[dict], names: dict, rows: int, path: Path) -> None:

@@ -210,3 +210,13 @@ def test_compile_wraps_the_steps_network_and_checkpoints_keep_plain_weights(tmp_
     run = train.build_run(cfg, splits, torch.device("cpu"), precision)
     assert isinstance(run.net, torch._dynamo.eval_frame.OptimizedModule)
     assert not any(key.startswith("_orig_mod.") for key in run.raw_net.state_dict())
+
+
+def test_no_accel_is_the_cpu_for_both_clis():
+    assert config.parse_args(["--no-accel"])["device"] == "cpu"
+    assert predict.parse_args(["--no-accel"]).device == "cpu"
+
+
+def test_a_negative_log_interval_is_refused_in_one_line():
+    with pytest.raises(UserError, match=r"--log-interval -1\.0: must be at least 0"):
+        config.check_flags(config.parse_args(["--log-interval", "-1"]))

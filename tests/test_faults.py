@@ -109,6 +109,19 @@ def test_a_directory_where_a_checkpoint_goes_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "models" / "best.pt").exists()  # the pair is written together
 
 
+def test_a_refused_run_leaves_no_empty_folders(tmp_path, capsys):
+    (tmp_path / "bad.csv").write_text("label,a,b\n1,2,3\n")
+    code, _ = error_line(
+        train.main, [*quick(tmp_path), "--train", str(tmp_path / "bad.csv")], capsys
+    )
+    assert code == 2
+    where = ["--output", str(tmp_path / "subs" / "s.csv"), "--report-dir", str(tmp_path / "rep")]
+    missing = ["--checkpoint", str(tmp_path / "none.pt"), "--input", SAMPLE_TEST, *where]
+    code, _ = error_line(predict.main, missing, capsys)
+    assert code == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.csv"]
+
+
 def test_a_second_run_on_a_model_folder_in_use_is_refused_naming_the_first(tmp_path, capsys):
     models = tmp_path / "models"
     models.mkdir()

@@ -8,6 +8,7 @@ import contextlib
 import gzip
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -405,6 +406,63 @@ def test_a_large_photo_is_prepared_like_a_small_one(tmp_path):
     assert np.abs(small.astype(int) - large).mean() < 8
 
 
+def _digit_as(kind: str, path) -> None:
+    """A real test digit (dark ink on light paper) saved as `kind`."""
+    paper = 255 - dataset.load_csv(SAMPLE_TEST).images[3].astype(np.float64)  # 0 ink .. 255 paper
+    if kind == "16-bit scan":  # ink 8000 on paper 60000, as a flatbed scanner writes
+        Image.fromarray((8000 + paper * (52000 / 255)).astype(np.uint16)).save(path, "PNG")
+    elif kind == "float TIFF":  # gray levels 0..1
+        Image.fromarray((paper / 255).astype(np.float32)).save(path, "TIFF")
+    elif kind == "LAB TIFF":
+        lab = np.zeros((28, 28, 3), np.uint8)
+        lab[..., 0] = paper
+        Image.fromarray(lab, "LAB").save(path, "TIFF")
+    else:
+        Image.fromarray(paper.astype(np.uint8)).save(path, "PNG")
+
+
+@pytest.mark.parametrize("kind", ["16-bit scan", "float TIFF", "LAB TIFF"])
+def test_wide_gray_and_lab_images_read_as_the_8_bit_digit(tmp_path, kind):
+    _digit_as("8-bit", tmp_path / "plain.png")
+    _digit_as(kind, tmp_path / "other")
+    plain = images.preprocess_image(tmp_path / "plain.png")
+    other = images.preprocess_image(tmp_path / "other")
+    assert np.abs(plain.astype(int) - other).mean() < 4
+
+
+def _ico_holding_a_large_png(path) -> None:
+    """An ICO whose one frame is a 6,000 x 6,000 PNG (Pillow decodes it on opening)."""
+    import io
+
+    png = io.BytesIO()
+    Image.new("L", (6000, 6000), 255).save(png, "PNG")
+    frame = png.getvalue()
+    header = struct.pack("<HHH", 0, 1, 1) + struct.pack(
+        "<BBBBHHII", 0, 0, 0, 0, 1, 32, len(frame), 22
+    )
+    path.write_bytes(header + frame)
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (_ico_holding_a_large_png, "not a readable image (give a PNG, JPEG, GIF, BMP, TIFF"),
+        (lambda path: os.mkfifo(path), "is a directory, pipe or device, not an image file"),
+        (lambda path: path.mkdir(), "is a directory, pipe or device, not an image file"),
+    ],
+)
+def test_containers_and_non_files_are_refused_unread(tmp_path, monkeypatch, make, expected):
+    from PIL import IcoImagePlugin
+
+    def decode(self):
+        raise AssertionError("the ICO was opened, decoding its 36-million-pixel frame")
+
+    monkeypatch.setattr(IcoImagePlugin.IcoImageFile, "_open", decode)
+    make(tmp_path / "image")
+    with pytest.raises(UserError, match=re.escape(expected)):
+        images.preprocess_image(tmp_path / "image")
+
+
 # ---------------------------------------------------------------- 9. checkpoints that load but lie
 
 
@@ -620,3 +678,24 @@ def test_metrics_json_of_a_small_run_is_complete(tmp_path):
     train.main(quick(tmp_path, "--train", str(source), "--epochs", "1", "--arch", "basic"))
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert (metrics["train_images"], metrics["best_epoch"]) == (1, 1)
+
+
+def test_a_damaged_lzw_tiff_is_one_line_and_libtiff_says_nothing(tmp_path):
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64)).astype(np.uint8)
+    Image.fromarray(noise).save(tmp_path / "lzw.tif", "TIFF", compression="tiff_lzw")
+    raw = bytearray((tmp_path / "lzw.tif").read_bytes())
+    raw[40:200] = bytes((b * 7 + 3) % 256 for b in raw[40:200])  # the compressed strip damaged
+    (tmp_path / "lzw.tif").write_bytes(bytes(raw))
+    script = (
+        "import sys, images\n"
+        "try:\n    images.preprocess_image(sys.argv[1])\n"
+        "except images.UserError as e:\n    print(e)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "lzw.tif")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert "not a readable image" in done.stdout
+    assert done.stderr == ""  # libtiff's own "Using code not yet in table." kept off it

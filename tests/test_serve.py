@@ -61,10 +61,10 @@ def test_a_digit_gets_the_class_predict_image_gives(client, checkpoint, drawn):
 
 def test_a_data_url_is_the_same_request(client, drawn):
     data = Path(drawn).read_bytes()
-    url = b"data:image/png;base64," + base64.b64encode(data)
-    assert (
-        client.post("/predict", content=url).json() == client.post("/predict", content=data).json()
-    )
+    expected = client.post("/predict", content=data).json()
+    for scheme in (b"data:image/png;base64,", b"DATA:IMAGE/PNG;BASE64,"):  # any letter case
+        url = scheme + base64.b64encode(data)
+        assert client.post("/predict", content=url).json() == expected
 
 
 def test_the_answer_holds_the_probabilities_the_runner_up_and_the_input(client, drawn):
@@ -216,3 +216,15 @@ def test_an_export_is_served_without_importing_torch(exported):
         subprocess.run([sys.executable, "-c", check, exported], cwd=serve.PAGE.parent).returncode
         == 0
     )
+
+
+def test_an_export_cannot_be_served_on_another_device_or_precision(exported):
+    with pytest.raises(UserError, match="an ONNX export runs on onnxruntime's CPU in fp32"):
+        serve.create_app(exported, "cuda")
+    with pytest.raises(UserError, match="an ONNX export runs on onnxruntime's CPU in fp32"):
+        serve.create_app(exported, "cpu", "bf16")
+
+
+def test_a_checkpoint_is_served_in_the_precision_asked(checkpoint):
+    app = serve.create_app(checkpoint, "cpu", "fp32")
+    assert "fp32" in app.state.models.numerics()

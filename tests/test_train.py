@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, SAMPLE_TEST, SAMPLE_TRAIN, make_table, run_flags
+from conftest import ROOT, SAMPLE_TEST, SAMPLE_TRAIN, csv_text, make_table, run_flags
 
 import cli
 import config
@@ -216,6 +216,37 @@ def test_help_shows_what_each_preset_makes_of_a_recipe_flag(capsys):
     )
 
 
+@pytest.mark.parametrize("script", ["train.py", "predict.py", "tune.py", "serve.py", "dataset.py"])
+def test_help_shows_real_defaults_only(script):
+    shown = subprocess.run(
+        [sys.executable, str(ROOT / script), *(["download"] if script == "dataset.py" else []),
+         "--help"], capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    text = " ".join(shown.split())
+    assert "(default: None)" not in text
+    assert "(default: [" not in text and str(ROOT) not in text  # no list, no machine's path
+    assert "None:" not in text
+
+
+def test_version_names_the_project_python_and_torch(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        config.parse_args(["--version"])
+    assert exit_info.value.code == 0
+    line = capsys.readouterr().out.strip()
+    assert line.split()[1:3] == [cli.VERSION, "(Python"]
+    assert f"torch {torch.__version__}" in line
+
+
+def test_an_unlabelled_test_csv_given_is_named_as_not_scored(tmp_path, capsys):
+    (tmp_path / "test.csv").write_text(csv_text(make_table(20, labelled=False), None))
+    summary = train.main(quick_args(tmp_path, "--max-rows", "300", "--epochs", "1", "--arch",
+                                    "basic", "--test", str(tmp_path / "test.csv")))  # fmt: skip
+    assert "test_acc" not in summary
+    assert f"note: --test {tmp_path / 'test.csv'}: no labels, so it is not scored" in (
+        capsys.readouterr().err
+    )
+
+
 def test_a_resumed_run_keeps_its_settings_but_runs_as_told_here():
     saved = asdict(config.Config(epochs=7, seed=3, device="cpu", model_dir="runs/a"))
     given = config.parse_args(["--resume", "runs/a/last.pt", "--quiet"])
@@ -400,8 +431,8 @@ def test_resuming_a_best_checkpoint_or_incompatible_weights_is_refused(
 def progress_lines(tmp_path, monkeypatch, capsys, *extra: str) -> list[str]:
     """What a one-epoch run prints on stderr (not a terminal here) with a progress line due
     after every batch."""
-    monkeypatch.setattr(cli, "PROGRESS_SECONDS", 0.0)
     args = [a for a in quick_args(tmp_path, "--arch", "basic", "--epochs", "1") if a != "--quiet"]
+    args += ["--log-interval", "0"]
     train.main([*args, "--max-rows", "1000", "--batch-size", "100", *extra])
     return [line for line in capsys.readouterr().err.splitlines() if " images/s  " in line]
 
