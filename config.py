@@ -39,6 +39,7 @@ PRESETS = {
     "fast": {"digits": replace(FAST, epochs=2), "fashion": FAST},
 }
 DIGITS = PRESETS["best"]["digits"]
+DRY_RUN_ROWS = 1000  # --dry-run trains one epoch on at most this many training rows
 # Each optimizer with the settings every recipe uses with it.
 OPTIMIZERS = {
     "adamw": (torch.optim.AdamW, {"weight_decay": 0.01}),
@@ -80,6 +81,7 @@ class Config:
     deterministic: bool = field(default=False, metadata=HERE)
     compile: bool = field(default=False, metadata=HERE)
     log_interval: float = field(default=PROGRESS_SECONDS, metadata=HERE)
+    dry_run: bool = field(default=False, metadata=HERE)
     quiet: bool = field(default=False, metadata=HERE)
     no_plots: bool = field(default=False, metadata=HERE)
     tensorboard: str | None = field(default=None, metadata=HERE)
@@ -197,6 +199,11 @@ def add_run_arguments(group, value) -> None:
         ),
         ("quiet", "no progress within an epoch (a bar on a terminal, else a line now and then)"),
         ("no_plots", "draw no figures"),
+        (
+            "dry_run",
+            "check the run in seconds: one epoch on the first 1,000 training rows, "
+            "written into a temporary folder and removed (nothing kept)",
+        ),
     ):
         group.add_argument(
             f"--{flag.replace('_', '-')}", action="store_true", default=value(flag), help=what

@@ -19,6 +19,7 @@ import io
 import math
 import os
 import sys
+import tempfile
 import time
 from contextlib import ExitStack, nullcontext, redirect_stderr, redirect_stdout
 from dataclasses import asdict, dataclass, field
@@ -678,6 +679,20 @@ def resume_run(given: dict, ranks: ddp.Ranks = ddp.SINGLE) -> dict:
     return train(asdict(cfg), resume=last, ranks=ranks)
 
 
+def dry_run(given: dict, ranks: ddp.Ranks) -> dict:
+    """--dry-run: the run as asked, but one epoch on the first config.DRY_RUN_ROWS rows, one
+    model, everything written into a temporary folder that is removed at the end: data, flags
+    and device checked in seconds, nothing kept."""
+    if given.get("resume") is not None:
+        raise UserError("--dry-run with --resume: a resumed run is checked by resuming it")
+    rows = min(given.get("max_rows") or config.DRY_RUN_ROWS, config.DRY_RUN_ROWS)
+    with tempfile.TemporaryDirectory(prefix="mnist-dry-run.") as tmp:
+        short = {"epochs": 1, "max_rows": rows, "ensemble": 1, "model_dir": tmp, "out_dir": tmp}
+        summary = train({**given, **short}, ranks=ranks)
+    print(f"dry run done: one epoch on {rows:,} rows ran end to end; nothing was kept")
+    return summary
+
+
 def main(argv: list[str] | None = None) -> dict:
     given = config.parse_args(argv)
     config.check_flags(given)
@@ -695,6 +710,8 @@ def main(argv: list[str] | None = None) -> dict:
             stack.enter_context(redirect_stdout(devnull))
             stack.enter_context(redirect_stderr(devnull))
         stack.enter_context(model.deterministic_algorithms(settings.deterministic))
+        if settings.dry_run:
+            return dry_run(given, ranks)
         if settings.resume is not None:
             return resume_run(given, ranks)
         if settings.ensemble > 1:

@@ -247,6 +247,14 @@ def test_an_unlabelled_test_csv_given_is_named_as_not_scored(tmp_path, capsys):
     )
 
 
+def test_a_dry_run_trains_one_short_epoch_and_keeps_nothing(tmp_path, capsys):
+    summary = train.main(quick_args(tmp_path, "--arch", "basic", "--dry-run", "--ensemble", "2"))
+    assert summary["best_epoch"] == 1  # one epoch, one model (not an ensemble's summaries)
+    assert 0.85 * config.DRY_RUN_ROWS < summary["train_images"] < config.DRY_RUN_ROWS
+    assert "dry run done: one epoch on 1,000 rows" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []  # no models/, no out/
+
+
 def test_a_resumed_run_keeps_its_settings_but_runs_as_told_here():
     saved = asdict(config.Config(epochs=7, seed=3, device="cpu", model_dir="runs/a"))
     given = config.parse_args(["--resume", "runs/a/last.pt", "--quiet"])
