@@ -152,7 +152,10 @@ def folder_lock(directory: str | Path, flag: str) -> Iterator[None]:
     import fcntl
 
     directory = Path(directory)
-    made = not directory.exists()
+    missing, folder = [], directory  # what the lock makes, the deepest first
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
     path = directory / LOCK_NAME
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -173,9 +176,12 @@ def folder_lock(directory: str | Path, flag: str) -> Iterator[None]:
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
     except BaseException:
-        if made and [p.name for p in directory.iterdir()] == [LOCK_NAME]:  # a refused run:
-            path.unlink()  # no empty folder left behind
-            directory.rmdir()
+        if missing:  # a refused run leaves no folder it made behind
+            with suppress(OSError):
+                if [p.name for p in directory.iterdir()] == [LOCK_NAME]:
+                    path.unlink()
+                for made in missing:
+                    made.rmdir()
         raise
     finally:
         os.close(fd)  # releases the lock

@@ -1,7 +1,8 @@
 """What every command-line entry point shares: the one-line user error, an argument parser that
 shows every default, running a main function with clean exits (errors, Ctrl-C, SIGTERM, a closed
-pipe), where outputs go by default, the batch size of forward passes without gradients, and
-progress through batches, as a bar on a terminal and as lines elsewhere."""
+pipe), where outputs go by default, the batch size of forward passes without gradients,
+progress through batches (a bar on a terminal, lines elsewhere), and the rule for class names
+that every written file and page shows."""
 
 from __future__ import annotations
 
@@ -125,6 +126,26 @@ def first_line(error: BaseException) -> str:
     error can quote of a library's multi-line message."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return lines[0] if lines else type(error).__name__
+
+
+MAX_NAME_CHARS = 100  # a class name's length, in the CSVs, the report and the page
+
+
+def class_names_problem(names) -> str | None:
+    """What makes a checkpoint's or an export's class names unusable in the CSVs, the report
+    and the page: not a list of names; an empty, overlong or repeated one; one with a comma, a
+    quote or a control character. None when they are fine."""
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        return "class_names is not a list of names"
+    for name in names:
+        if not 0 < len(name) <= MAX_NAME_CHARS or not name.isprintable() or set(name) & set(',"'):
+            return (
+                f"class name {name[:40]!r} is not 1..{MAX_NAME_CHARS} printable characters "
+                "without a comma or a quote"
+            )
+    if len(set(names)) < len(names):
+        return "class_names names a class twice"
+    return None
 
 
 def working_root() -> Path:

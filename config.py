@@ -179,7 +179,7 @@ def add_data_arguments(group, value) -> None:
 
 
 def add_run_arguments(group, value) -> None:
-    """Ensembles, where outputs go, how to run here, and --resume."""
+    """Ensembles, where outputs go, how to run here, how to report, and --resume."""
     group.add_argument(
         "--ensemble",
         type=int,
@@ -194,8 +194,8 @@ def add_run_arguments(group, value) -> None:
         ("deterministic", "deterministic algorithms only (torch.use_deterministic_algorithms)"),
         (
             "compile",
-            "torch.compile the training steps (a GPU's option: on a CPU compiling costs "
-            "more than it saves, bench/compile_cost.py)",
+            "torch.compile the network's forward and backward passes (a GPU's option: on a "
+            "CPU compiling costs more than it saves, bench/compile_cost.py)",
         ),
         ("quiet", "no progress within an epoch (a bar on a terminal, else a line now and then)"),
         ("no_plots", "draw no figures"),
@@ -208,6 +208,11 @@ def add_run_arguments(group, value) -> None:
         group.add_argument(
             f"--{flag.replace('_', '-')}", action="store_true", default=value(flag), help=what
         )
+    add_logging_arguments(group, value)
+
+
+def add_logging_arguments(group, value) -> None:
+    """How the run reports: --log-interval, --tensorboard; and --resume."""
     group.add_argument(
         "--log-interval",
         type=float,
@@ -303,7 +308,7 @@ MAX_ENSEMBLE = 100
 # The numeric flags' ranges: (lowest, highest, whether the highest is allowed).
 RANGES = {
     "seed": (0, MAX_SEED, True),
-    "epochs": (1, math.inf, False),
+    "epochs": (1, model.MAX_EPOCHS, True),
     "batch_size": (1, math.inf, False),
     "ensemble": (1, MAX_ENSEMBLE, True),
     "max_rows": (dataset.MIN_TRAIN_ROWS, math.inf, False),

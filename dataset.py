@@ -84,7 +84,7 @@ def task_of(class_names) -> str:
     return "fashion" if tuple(class_names) == FASHION_CLASSES else "digits"
 
 
-PARSER_VERSION = 2  # bump when parsing changes, so that old cache entries are ignored
+PARSER_VERSION = 3  # bump when parsing changes, so that old cache entries are ignored
 CHUNK_BYTES = 1 << 20
 HEAD_BYTES = 1 << 16  # the first line of a CSV of 28x28 images is far shorter
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
@@ -450,22 +450,22 @@ def read_csv(source: str | Path) -> CSVData:
 
 # ---------------------------------------------------------------- parse cache
 
-ANNOUNCED_BYTES = 20_000_000  # a first parse of a file this big says so before and after
+ANNOUNCED_BYTES = 20_000_000  # a first parse of this much CSV text says so before and after
 
 
-def read_announced(source: str | Path, size: int) -> CSVData:
-    """`read_csv`, with a line on stderr before and after when the file holds `size` bytes of
-    at least ANNOUNCED_BYTES (seconds of parsing), so that a log shows what the wait is."""
-    if size < ANNOUNCED_BYTES:
-        return read_csv(source)
+def read_announced(source: str | Path) -> CSVData:
+    """`read_csv`, with a line on stderr before and after when the CSV text (decompressed) is
+    ANNOUNCED_BYTES or more (seconds of parsing), so that a log shows what the wait is."""
+    data, where = read_source_bytes(source)
+    if len(data) < ANNOUNCED_BYTES:
+        return parse_csv_bytes(data, where)
     print(
-        f"parsing {source} ({size / 1e6:,.0f} MB); later loads of it come from the parse cache "
-        f"in {cache_dir()}",
+        f"parsing {where} ({len(data) / 1e6:,.0f} MB of CSV) into the parse cache, {cache_dir()}",
         file=sys.stderr,
         flush=True,
     )
     started = time.perf_counter()
-    parsed = read_csv(source)
+    parsed = parse_csv_bytes(data, where)
     print(f"parsed {len(parsed):,} rows in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     return parsed
 
@@ -532,7 +532,7 @@ def load_csv(source: str | Path, cache: bool = True) -> CSVData:
                 return CSVData(cached["images"], labels, str(cached["layout"]), name)
     except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError):
         pass
-    parsed = read_announced(source, path.stat().st_size)
+    parsed = read_announced(source)
     labels = parsed.labels if parsed.labels is not None else np.zeros(0, np.int64)
     try:
         with atomic_write(entry) as f:

@@ -72,7 +72,7 @@ def _open_image(source: str | Path | IO[bytes], name: str):
         raise UserError(f"{name}: is a directory, pipe or device, not an image file")
     Image.init()  # every plugin registered, so that FORMATS can name them
     try:
-        with warnings.catch_warnings(), quiet_c_stderr():  # Pillow's and libtiff's messages
+        with quiet_c_stderr(), warnings.catch_warnings():  # libtiff's and Pillow's messages
             warnings.simplefilter("ignore")
             with Image.open(source, formats=FORMATS) as img:
                 if img.width * img.height > MAX_IMAGE_PIXELS:
@@ -135,8 +135,12 @@ def _gray(img) -> np.ndarray:
     darkest to lightest value (converting them to 8 bits would clip them to white), LAB
     images by their lightness."""
     if img.mode in WIDE_MODES:
-        gray = np.nan_to_num(np.asarray(img, dtype=np.float64))
-        low, high = gray.min(), gray.max()
+        gray = np.asarray(img, dtype=np.float64)
+        finite = np.isfinite(gray)
+        if not finite.any():
+            return np.zeros_like(gray)
+        low, high = gray[finite].min(), gray[finite].max()
+        gray = np.clip(np.nan_to_num(gray, nan=low, posinf=high, neginf=low), low, high)
         return (gray - low) * (255 / (high - low)) if high > low else np.zeros_like(gray)
     if img.mode == "LAB":
         return np.asarray(img.getchannel(0), dtype=np.float64)

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from atomic import write_files
-from cli import UserError, first_line
+from cli import UserError, class_names_problem, first_line
 
 CHECKPOINT_FORMAT = 1
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {}
@@ -447,33 +447,16 @@ def _checkpoint_problem(ckpt: dict) -> str | None:
     problem = _arch_problem(ckpt["arch"], kwargs)
     if problem:
         return problem
-    problem = _names_problem(names) or _weights_problem(ckpt["state_dict"])
+    problem = class_names_problem(names) or _weights_problem(ckpt["state_dict"])
     if problem:
         return problem
     if len(names) != kwargs.get("num_classes", 10):
         return f"{len(names)} class names for a {kwargs.get('num_classes', 10)}-class network"
-    for key, low in (("mean", 0), ("std", 1e-6)):
+    for key, low in (("mean", 0), ("std", 1 / 255)):  # of pixels scaled to 0..1
         value = ckpt[key]
-        if type(value) not in (int, float) or not low <= value <= 255:
-            return f"{key} {value!r} is not a pixel statistic in {low}..255"
+        if type(value) not in (int, float) or not low <= value <= 1:
+            return f"{key} {value!r} is not a pixel statistic of pixels scaled to 0..1"
     return _record_problem(ckpt)
-
-
-MAX_NAME_CHARS = 100
-
-
-def _names_problem(names) -> str | None:
-    """What makes class names unusable in the report, the CSVs and the page: not a list of
-    names, an empty or overlong one, one with a comma, a quote or a control character."""
-    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
-        return "class_names is not a list of names"
-    for name in names:
-        if not 0 < len(name) <= MAX_NAME_CHARS or not name.isprintable() or set(name) & set(',"'):
-            return (
-                f"class name {name[:40]!r} is not 1..{MAX_NAME_CHARS} printable characters "
-                "without a comma or a quote"
-            )
-    return None
 
 
 def _weights_problem(state_dict) -> str | None:

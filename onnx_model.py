@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cli import EVAL_BATCH_SIZE, Progress, UserError, first_line
+from cli import EVAL_BATCH_SIZE, Progress, UserError, class_names_problem, first_line
 
 FORMAT = "mnist-csv-pipeline-onnx-1"
 INPUT, OUTPUTS = "pixels", ["probabilities", "raw_probabilities"]
@@ -83,8 +83,9 @@ class OnnxEnsemble:
             )
         try:
             names = json.loads(meta["class_names"])
-            if not isinstance(names, list) or not names:
-                raise ValueError("class_names is not a list of names")
+            problem = class_names_problem(names)
+            if problem:
+                raise ValueError(problem)
             self.class_names = tuple(names)
             self._stories = json.loads(meta["models"])
             self.mirror = bool(json.loads(meta["mirror"]))

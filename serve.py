@@ -187,12 +187,13 @@ def create_app(checkpoint: str, device: str = "cpu", precision: str | None = Non
     # the state goes into a <script>: "</" escaped so that no path can close it
     page = PAGE.read_text().replace("/*STATE*/null", json.dumps(state).replace("</", "<\\/"))
 
-    def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status)
+    def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return error(exc.status_code, message, getattr(exc, "headers", None))  # 405's Allow
 
     @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse)
     def index() -> str:

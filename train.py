@@ -665,8 +665,13 @@ def resume_run(given: dict, ranks: ddp.Ranks = ddp.SINGLE) -> dict:
     if "optimizer" not in last or "rng" not in last:
         raise UserError(f"{path}: not resumable (resume from last.pt, not best.pt)")
     model.model_from_checkpoint(last, path)  # incompatible weights fail here, at once
-    config.check_saved(last.get("config", {}), str(path))
-    if last.get("config", {}).get("arch", last["arch"]) != last["arch"]:
+    epoch = last.get("epoch")
+    if "config" not in last or "epochs" not in last["config"]:
+        raise UserError(f"{path}: its settings are missing (a damaged last.pt; start a new run)")
+    if type(epoch) is not int or not 0 <= epoch <= model.MAX_EPOCHS:
+        raise UserError(f"{path}: epoch {str(epoch)[:20]!r} is not a count of epochs trained")
+    config.check_saved(last["config"], str(path))
+    if last["config"].get("arch", last["arch"]) != last["arch"]:
         raise UserError(
             f"{path}: its settings name arch {last['config']['arch']!r}, its weights "
             f"{last['arch']!r} (a damaged or hand-edited last.pt; start a new run)"

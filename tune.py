@@ -128,6 +128,16 @@ class QuietUserErrors(logging.Filter):
 QUIET_USER_ERRORS = QuietUserErrors()
 
 
+def quiet_user_errors() -> None:
+    """QUIET_USER_ERRORS on the handlers of Optuna's logger: a handler's filter sees the records
+    of every child logger (a logger's own filter would not: Optuna logs a failed trial from
+    optuna.study._optimize). Adding it twice adds it once."""
+    import optuna
+
+    for handler in optuna.logging.get_logger("optuna").handlers:
+        handler.addFilter(QUIET_USER_ERRORS)
+
+
 def open_study(cfg: TuneConfig, task: str):
     """The study in its storage (made if new, with the default recipe as its first trial)."""
     import optuna
@@ -290,12 +300,13 @@ def search(cfg: TuneConfig) -> dict:
     """Run trials until the study holds `trials` finished ones; report the best."""
     import optuna
 
-    ensure_writable(cfg.out_dir, "--out-dir", create=True)  # the SQLite study goes there
+    storage_url(cfg)  # an in-memory storage is refused before anything is made
     train_csv = cfg.train or dataset.find_data("train")
     model.setup_device(cfg.device, cfg.precision)  # what would fail every trial fails here,
     splits = dataset.load_splits(train_csv, None, cfg.max_rows, cfg.val_split, cfg.seed)
+    ensure_writable(cfg.out_dir, "--out-dir", create=True)  # the SQLite study goes there
     study = open_study(cfg, splits.task)  # before a trial is saved as failed
-    optuna.logging.get_logger("optuna").addFilter(QUIET_USER_ERRORS)  # added once
+    quiet_user_errors()
     states = tuple(getattr(optuna.trial.TrialState, name) for name in FINISHED)
     done = sum(t.state in states for t in study.trials)
     print(f"study {cfg.study} in {storage_url(cfg)}: {done} of {cfg.trials} trials finished")

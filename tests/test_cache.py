@@ -14,10 +14,10 @@ from cli import UserError
 
 
 def _forbid_parsing(monkeypatch):
-    def fail(_source):
-        raise AssertionError("parsed again instead of using the cache")
+    def fail(data, where):
+        raise AssertionError(f"{where} parsed again instead of read from the cache")
 
-    monkeypatch.setattr(dataset, "read_csv", fail)
+    monkeypatch.setattr(dataset, "parse_csv_bytes", fail)
 
 
 def test_repeat_load_comes_from_the_cache(write_csv, monkeypatch):
@@ -106,11 +106,11 @@ def test_a_first_parse_of_a_big_file_says_so_and_a_cached_load_does_not(
     write_csv, monkeypatch, capsys
 ):
     path = write_csv("big.csv", make_table(30, seed=2))
-    size = os.path.getsize(path)
+    size = os.path.getsize(path)  # plain text: its size is the CSV's
     monkeypatch.setattr(dataset, "ANNOUNCED_BYTES", size)
     dataset.load_csv(path)
     before, after = capsys.readouterr().err.splitlines()
-    assert before.startswith(f"parsing {path} (") and "parse cache" in before
+    assert before.startswith(f"parsing {path} (") and "MB of CSV) into the parse cache" in before
     assert after.startswith("parsed 30 rows in ")
     dataset.load_csv(path)
     assert capsys.readouterr().err == ""

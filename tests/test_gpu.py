@@ -19,7 +19,7 @@ pytestmark = [
 
 
 def train_on_cuda(folder, *extra: str) -> dict:
-    """One epoch of basic_bn on the sample on the GPU; the run's summary."""
+    """Two epochs of basic_bn on the sample on the GPU; the run's summary."""
     flags = ["--train", SAMPLE_TRAIN, "--test", SAMPLE_TEST, "--arch", "basic_bn"]
     return train.main(run_flags(folder, *flags, "--epochs", "2", "--device", "cuda", *extra))
 

@@ -247,27 +247,37 @@ def test_a_resume_that_cannot_do_as_asked_is_refused(
     assert expected in line
 
 
+# damage: (a field of last.pt, or of its config, and the value put there)
+REPLACED = {
+    "optimizer without groups": ("optimizer", {"state": {}, "param_groups": []}),
+    "optimizer a string": ("optimizer", "adamw"),
+    "config a string": ("config", "strong"),
+    "epoch a string": ("epoch", "two"),
+}
+REPLACED_SETTING = {
+    "config arch not the weights'": ("arch", "strong"),
+    "batch size 0": ("batch_size", 0),
+    "epochs a string": ("epochs", "many"),
+}
+
+
 def _damaged_last(last: dict, damage: str) -> dict:
     """A copy of a last.pt's fields, damaged as `damage` says."""
     last = {**last, "rng": dict(last["rng"]), "config": dict(last["config"])}
-    if damage == "short rng state":
+    if damage in REPLACED:
+        key, value = REPLACED[damage]
+        last[key] = value
+    elif damage in REPLACED_SETTING:
+        key, value = REPLACED_SETTING[damage]
+        last["config"][key] = value
+    elif damage == "short rng state":
         rng = last["rng"]
         rng |= {"torch": rng["torch"][:10], "ranks": [state[:10] for state in rng.get("ranks", [])]}
-    elif damage == "optimizer without groups":
-        last["optimizer"] = {"state": {}, "param_groups": []}
-    elif damage == "optimizer a string":
-        last["optimizer"] = "adamw"
     elif damage == "lr nan":
         groups = [{**g, "lr": float("nan")} for g in last["optimizer"]["param_groups"]]
         last["optimizer"] = {**last["optimizer"], "param_groups": groups}
-    elif damage == "config a string":
-        last["config"] = "strong"
-    elif damage == "config arch not the weights'":
-        last["config"]["arch"] = "strong"
-    elif damage == "batch size 0":
-        last["config"]["batch_size"] = 0
-    elif damage == "epochs a string":
-        last["config"]["epochs"] = "many"
+    elif damage == "no config":
+        del last["config"]
     return last
 
 
@@ -282,6 +292,8 @@ def _damaged_last(last: dict, damage: str) -> dict:
         ("config arch not the weights'", "its settings name arch 'strong', its weights 'basic'"),
         ("batch size 0", "its saved setting --batch-size 0: must be at least 1"),
         ("epochs a string", "its setting epochs 'many' is not int"),
+        ("no config", "its settings are missing"),
+        ("epoch a string", "epoch 'two' is not a count of epochs trained"),
     ],
 )
 def test_a_damaged_last_pt_is_refused_in_one_line(finished, tmp_path, capsys, damage, expected):
@@ -493,9 +505,9 @@ def checkpoint(tmp_path_factory) -> dict:
             "num_classes=100000000 is not a whole number in 2..1000",
         ),
         ({"class_names": ["a", "b", "c"]}, "3 class names for a 10-class network"),
-        ({"mean": "abc"}, "mean 'abc' is not a pixel statistic in 0..255"),
-        ({"mean": 1e308}, "mean 1e+308 is not a pixel statistic in 0..255"),
-        ({"std": 0.0}, "std 0.0 is not a pixel statistic in 1e-06..255"),
+        ({"mean": "abc"}, "mean 'abc' is not a pixel statistic of pixels scaled to 0..1"),
+        ({"mean": 200.0}, "mean 200.0 is not a pixel statistic of pixels scaled to 0..1"),
+        ({"std": 0.0}, "std 0.0 is not a pixel statistic of pixels scaled to 0..1"),
         ({"format": "1"}, "checkpoint format '1' is not 1"),
         ({"format": torch.tensor(1)}, "checkpoint format tensor(1) is not 1"),
         ({"state_dict": {0: torch.zeros(3)}}, "state_dict is not a dictionary of named weight"),
@@ -505,6 +517,7 @@ def checkpoint(tmp_path_factory) -> dict:
         ({"class_names": [""] * 10}, "class name '' is not 1..100 printable characters"),
         ({"class_names": [*"012345678", "a,b"]}, "class name 'a,b' is not 1..100 printable"),
         ({"class_names": [*"012345678", "a\nb"]}, "class name 'a\\nb' is not 1..100"),
+        ({"class_names": [*"012345678", "0"]}, "class_names names a class twice"),
         ({"config": "strong"}, "config is not a dictionary of settings"),
         ({"config": None}, "config is not a dictionary of settings"),
         ({"seen_rows": {"train": torch.zeros(2, dtype=torch.int64)}}, "seen_rows is not the leak"),

@@ -220,7 +220,7 @@ def test_help_shows_what_each_preset_makes_of_a_recipe_flag(capsys):
 def test_help_shows_real_defaults_only(script):
     shown = subprocess.run(
         [sys.executable, str(ROOT / script), *(["download"] if script == "dataset.py" else []),
-         "--help"], capture_output=True, text=True, check=True,
+         "--help"], capture_output=True, text=True, check=True, cwd=ROOT,
     ).stdout  # fmt: skip
     text = " ".join(shown.split())
     assert "(default: None)" not in text

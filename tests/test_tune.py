@@ -151,15 +151,12 @@ def test_a_flag_that_fails_every_trial_fails_before_the_first_is_saved(tmp_path)
 
 
 def test_optuna_logs_no_traceback_of_a_trial_that_failed_on_a_user_error():
-    record = optuna.logging.get_logger("optuna").makeRecord(
-        "optuna",
-        30,
-        __file__,
-        1,
-        "Trial 0 failed",
-        None,
-        (tune.UserError, tune.UserError("x"), None),
-    )
-    assert tune.QUIET_USER_ERRORS.filter(record) is False
-    record.exc_info = (ValueError, ValueError("a fault"), None)
-    assert tune.QUIET_USER_ERRORS.filter(record) is True
+    tune.quiet_user_errors()
+    child = optuna.logging.get_logger("optuna.study._optimize")  # where Optuna logs a failure
+    handlers = optuna.logging.get_logger("optuna").handlers
+    assert handlers
+    for exc in (tune.UserError("bad data"), ValueError("a fault")):
+        info = (type(exc), exc, None)
+        record = child.makeRecord(child.name, 30, __file__, 1, "Trial 0 failed", None, info)
+        shown = [bool(handler.filter(record)) for handler in handlers]
+        assert shown == [isinstance(exc, ValueError)] * len(handlers)
