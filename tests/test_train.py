@@ -389,7 +389,7 @@ def _bad_checkpoints(folder) -> None:
     ("flags", "expected"),
     [
         (["--arch", "resnet999"], "--arch resnet999: unknown architecture"),
-        (["--epochs", "0"], "--epochs 0: must be at least 1"),
+        (["--epochs", "0"], "--epochs 0: must be in [1, 10000]"),
         (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
         (["--ensemble", "0"], "--ensemble 0: must be in [1, 100]"),
         (["--ensemble", "99999999999999999999"], "--ensemble 99999999999999999999: must be in"),
