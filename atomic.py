@@ -118,16 +118,23 @@ def write_files(contents: dict[Path, bytes]) -> None:
         _sweep_stale_temporaries(path)
 
 
+def _missing_folders(directory: Path) -> list[Path]:
+    """`directory` and those of its parents that do not exist yet, the deepest first: what
+    making it makes, and what to remove again."""
+    missing, folder = [], directory
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
 def ensure_writable(directory: str | Path, flag: str, create: bool = False) -> None:
     """Check that files can be written in `directory` (given as `flag`), before work that would
     be lost if they could not, with a probe file there. Folders made for the probe are removed
     again unless `create` says to keep them (the first write makes them), so that a refused run
     leaves no empty folder behind."""
     directory = Path(directory)
-    missing, folder = [], directory  # the folders the probe needs made, the deepest first
-    while not folder.exists() and folder != folder.parent:
-        missing.append(folder)
-        folder = folder.parent
+    missing = _missing_folders(directory)  # what the probe makes
     try:
         directory.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=directory, prefix=".write-check.")
@@ -152,10 +159,7 @@ def folder_lock(directory: str | Path, flag: str) -> Iterator[None]:
     import fcntl
 
     directory = Path(directory)
-    missing, folder = [], directory  # what the lock makes, the deepest first
-    while not folder.exists() and folder != folder.parent:
-        missing.append(folder)
-        folder = folder.parent
+    missing = _missing_folders(directory)  # what the lock makes
     path = directory / LOCK_NAME
     try:
         directory.mkdir(parents=True, exist_ok=True)

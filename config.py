@@ -201,8 +201,8 @@ def add_run_arguments(group, value) -> None:
         ("no_plots", "draw no figures"),
         (
             "dry_run",
-            "check the run in seconds: one epoch on the first 1,000 training rows, "
-            "written into a temporary folder and removed (nothing kept)",
+            f"check the run in seconds: one epoch on the first {DRY_RUN_ROWS:,} training "
+            "rows, written into a temporary folder and removed (nothing kept)",
         ),
     ):
         group.add_argument(

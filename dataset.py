@@ -76,6 +76,7 @@ LAYOUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "fashion-mnist-unlabelled": (_PIXEL1, FASHION_CLASSES),
 }
 _BY_HEADER = {columns: name for name, (columns, _) in LAYOUTS.items()}
+HEADERLESS = ("headerless", "headerless-unlabelled")  # the layouts of files without a header
 
 
 def task_of(class_names) -> str:
@@ -251,9 +252,9 @@ def _detect_layout(header_line: str, where: str) -> tuple[str, int, bool, tuple[
     cells = [cell.strip().strip('"').lower() for cell in header_line.split(",")]
     if all(_is_number(cell) for cell in cells):
         if len(cells) == PIXELS + 1:
-            return "headerless", len(cells), True, None
+            return HEADERLESS[0], len(cells), True, None
         if len(cells) == PIXELS:
-            return "headerless-unlabelled", len(cells), False, None
+            return HEADERLESS[1], len(cells), False, None
         raise UserError(
             f"{where}:1: {len(cells)} columns "
             f"(a headerless CSV needs {PIXELS + 1}: label then {PIXELS} pixels, or {PIXELS} pixels)"
@@ -505,7 +506,7 @@ def _sound(cached) -> bool:
     images, labels = cached["images"], cached["labels"]
     if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (SIDE, SIDE):
         return False
-    if str(cached["layout"]) not in {*LAYOUTS, "headerless", "headerless-unlabelled"}:
+    if str(cached["layout"]) not in {*LAYOUTS, *HEADERLESS}:
         return False
     if not bool(cached["labelled"]):
         return True
