@@ -1042,7 +1042,8 @@ def explore(source: str, out_dir: Path, draw: bool = True) -> dict:
     return summary
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> CLIParser:
+    """dataset.py's command line: explore or download."""
     parser = CLIParser(description="Explore or download Kaggle's MNIST CSVs.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=CLIParser)
     ex = sub.add_parser("explore", help="print rows, class counts, pixel statistics; draw figures")
@@ -1060,7 +1061,11 @@ def main(argv: list[str] | None = None) -> None:
         help=f"a competition's files instead, such as {KAGGLE_COMPETITION} (train.csv, "
         "test.csv); needs its rules accepted on kaggle.com",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     if args.command == "explore":
         explore(args.csv or find_data("train"), args.out_dir, draw=not args.no_plots)
     else:

@@ -10,6 +10,7 @@ import csv
 import importlib.util
 import io
 import json
+import os
 import subprocess
 import sys
 from contextlib import nullcontext, redirect_stdout
@@ -62,18 +63,26 @@ def _project_imports(source: str) -> set[str]:
     return {f"{name}.py" for name in names if name and (ROOT / f"{name}.py").is_file()}
 
 
-def test_the_notebook_carries_the_modules_its_code_imports_and_no_others():
+def test_the_code_dataset_carries_the_modules_the_notebook_imports_and_no_others(tmp_path):
     builder = load_builder()
-    cells = "\n".join("".join(cell["source"]) for cell in builder.build()["cells"])
-    carried = {line.split("/")[-1] for line in cells.splitlines() if line.startswith("%%writefile")}
-    needed = {"train.py", "predict.py", "dataset.py", "parallel.py"}  # what its cells import
+    builder.write_code(tmp_path)
+    needed = {"train.py", "predict.py", "dataset.py", "model.py", "parallel.py"}  # its cells'
     while True:
         more = set().union(*(_project_imports((ROOT / name).read_text()) for name in needed))
         if more <= needed:
             break
         needed |= more
-    assert carried == needed
-    assert {"serve.py", "tune.py"}.isdisjoint(carried)  # the notebook never uses them
+    assert {p.name for p in tmp_path.glob("*.py")} == needed
+    assert {"serve.py", "tune.py"}.isdisjoint(needed)  # the notebook never uses them
+    assert (tmp_path / "BUILD").read_text().strip() in builder.render(builder.build())
+
+
+def test_the_notebooks_first_code_cell_is_the_pipeline_and_no_cell_holds_a_module():
+    cells = load_builder().build()["cells"]
+    first = "".join(next(c for c in cells if c["cell_type"] == "code")["source"])
+    assert "TRAIN_ARGS = []" in first and "dataset.find_data(" in first
+    assert "dataset.explore(" in first
+    assert not any("%%writefile" in "".join(c["source"]) for c in cells)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +112,11 @@ def test_kernel_metadata_passes_the_kaggle_clients_push_checks(pushed):
 def test_the_kernel_is_a_python_notebook_with_the_mnist_dataset(pushed):
     request, _ = pushed
     assert (request.kernel_type, request.language) == ("notebook", "python")
-    assert request.dataset_data_sources == ["oddrationale/mnist-in-csv"]
+    owner = request.slug.split("/")[0]
+    assert request.dataset_data_sources == [
+        "oddrationale/mnist-in-csv",
+        f"{owner}/mnist-csv-pipeline-code",  # the code dataset, owned by the kernel's owner
+    ]
 
 
 def test_the_kernel_asks_for_kaggles_t4_gpus(pushed):
@@ -112,10 +125,28 @@ def test_the_kernel_asks_for_kaggles_t4_gpus(pushed):
     assert request.machine_shape == "NvidiaTeslaT4"  # two T4s; the default P100 cannot run torch
 
 
-def test_kaggle_receives_the_code_inside_the_notebook(pushed):
-    request, _ = pushed
-    notebook = json.loads(request.text)
-    assert "%%writefile {PROJECT}/dataset.py" in "".join(c["source"] for c in notebook["cells"])
+def test_the_code_dataset_passes_the_kaggle_clients_create_checks(tmp_path):
+    """What `kaggle datasets create -p kaggle/code` sends, with the client's network faked."""
+    from kaggle.api.kaggle_api_extended import KaggleApi
+    from requests.exceptions import HTTPError
+
+    load_builder().write_code(tmp_path)
+    api, sent, uploaded = KaggleApi(), [], []
+
+    def not_there(ref):
+        raise HTTPError(ref)
+
+    create = SimpleNamespace(create_dataset=lambda r: sent.append(r) or SimpleNamespace(error=""))
+    client = SimpleNamespace(datasets=SimpleNamespace(dataset_api_client=create))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(api, "config_values", {api.CONFIG_NAME_USER: "someone"}, raising=False)
+        mp.setattr(api, "dataset_status", not_there)
+        mp.setattr(api, "upload_files", lambda *a, **k: uploaded.append(sorted(os.listdir(a[2]))))
+        mp.setattr(api, "build_kaggle_client", lambda: nullcontext(client))
+        api.dataset_create_new(str(tmp_path))
+    (request,) = sent
+    assert (request.owner_slug, request.slug) == ("your-kaggle-username", "mnist-csv-pipeline-code")
+    assert "dataset.py" in uploaded[0] and "BUILD" in uploaded[0]
 
 
 def sample_csvs(layout: str) -> dict[str, str]:
@@ -142,6 +173,35 @@ def sample_csvs(layout: str) -> dict[str, str]:
     }
 
 
+def attach_code(input_root, build: str | None = None) -> None:
+    """The code dataset as Kaggle mounts it now; `build` stands in for another build's upload."""
+    folder = input_root / "datasets" / "someone" / "mnist-csv-pipeline-code"
+    load_builder().write_code(folder)
+    if build:
+        (folder / "BUILD").write_text(build + "\n")
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [("0123abcd", "holds build 0123abcd, not .*kaggle datasets version"), (None, "not attached")],
+)
+def test_without_the_code_of_its_build_the_notebook_stops_in_its_first_cell(
+    tmp_path, build, message
+):
+    import nbformat
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+
+    (tmp_path / "input").mkdir()
+    if build:
+        attach_code(tmp_path / "input", build)
+    notebook = nbformat.read(KAGGLE_DIR / "mnist-csv-pipeline.ipynb", as_version=4)
+    notebook.cells = [c for c in notebook.cells if c.cell_type == "code"][:1]
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(CellExecutionError, match=message):
+        mp.setenv("KAGGLE_INPUT_ROOT", str(tmp_path / "input"))
+        NotebookClient(notebook, timeout=120, kernel_name="python3").execute()
+
+
 @pytest.fixture(scope="module", params=list(MOUNTS))
 def kernel(request, tmp_path_factory):
     """The committed notebook executed as Kaggle would, quickly and on the CPU: the bundled
@@ -155,19 +215,22 @@ def kernel(request, tmp_path_factory):
     mount.mkdir(parents=True)
     for name, text in sample_csvs(request.param).items():
         (mount / name).write_text(text)
+    attach_code(root / "kaggle" / "input")
     working = root / "kaggle" / "working"
     working.mkdir()
-    (root / "tmp").mkdir()
     notebook = nbformat.read(KAGGLE_DIR / "mnist-csv-pipeline.ipynb", as_version=4)
-    (parameters,) = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]
-    parameters.source = (
+    (parameters,) = [
+        i for i, c in enumerate(notebook.cells) if "parameters" in c.metadata.get("tags", [])
+    ]
+    overrides = (  # as papermill injects them: a cell after the one tagged "parameters"
         'TRAIN_ARGS = ["--epochs", "2", "--arch", "basic", "--device", "cpu", "--deterministic"]\n'
         'PREDICT_ARGS = ["--device", "cpu"]'
     )
+    notebook.cells.insert(parameters + 1, nbformat.v4.new_code_cell(overrides))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("KAGGLE_INPUT_ROOT", str(root / "kaggle" / "input"))
         mp.setenv("KAGGLE_WORKING_ROOT", str(working))
-        mp.setenv("TMPDIR", str(root / "tmp"))  # where the notebook writes the code
+        mp.setenv("PYTHONDONTWRITEBYTECODE", "1")  # Kaggle's input is read-only
         mp.setenv("KAGGLE_USERNAME", SECRET_USER)
         mp.setenv("KAGGLE_KEY", SECRET_KEY)
         where = {"metadata": {"path": str(working)}}
@@ -227,12 +290,12 @@ def test_the_kernel_says_its_device_and_each_epoch(kernel):
     text = "".join(_outputs(kernel, "text"))
     assert "device: cpu" in text
     assert "epoch   2/2" in text
+    meant = "Digit Recognizer's test.csv" if kernel.layout == "competition" else "MNIST's test"
+    assert f"{kernel.rows:,} rows ({meant}" in text
 
 
 def test_the_kernels_code_stays_out_of_its_outputs(kernel):
     assert [p for p in kernel.working.rglob("*.py")] == []
-    (code_dir,) = (kernel.working.parent.parent / "tmp").glob("mnist-csv-pipeline-*")
-    assert {p.name for p in code_dir.glob("*.py")} == set(load_builder().carried_modules())
 
 
 def test_no_credential_appears_in_anything_the_kernel_wrote(kernel):
