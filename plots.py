@@ -14,12 +14,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 
 import report
 from atomic import atomic_write
 
 DPI = 120
+INCH_PER_PIXEL = 0.03  # an image pixel in the digit grids: a digit 0.84 inches wide
 MISTAKE = "#c0392b"
 BAR = "#4c72b0"
 
@@ -37,24 +39,29 @@ def _digit_grid(
     suptitle: str,
     cols: int = 10,
     marked: np.ndarray | None = None,
-    cell: tuple[float, float] = (1.1, 1.25),
 ):
-    """Images in a grid with a title each; `marked` ones get a red title and frame."""
+    """Images in a grid with a title each; `marked` ones get a red title and frame. One mosaic
+    on one axes, drawn in a tenth of the time of a subplot per image."""
+    lines = max((t.count("\n") + 1 for t in titles), default=1)
+    longest = max((len(line) for t in titles for line in t.splitlines()), default=0)
+    width = max(34, round(2.4 * longest) + 6)  # a tile, in image pixels
+    height = 28 + 6 + 5 * lines  # the image, its margins and its title
     rows = max(1, -(-len(images) // cols))
-    fig, axes = plt.subplots(
-        rows, cols, figsize=(cols * cell[0], rows * cell[1]), squeeze=False, layout="constrained"
-    )
-    for ax in axes.ravel():
-        ax.axis("off")
+    fig = plt.figure(figsize=(cols * width * INCH_PER_PIXEL, rows * height * INCH_PER_PIXEL + 0.4))
+    ax = fig.add_axes((0, 0, 1, 1 - 0.4 / fig.get_figheight()))
+    canvas = np.zeros((rows * height, cols * width))
     marked = np.zeros(len(images), bool) if marked is None else marked
-    for ax, img, title, bad in zip(axes.ravel(), images, titles, marked, strict=False):
-        ax.imshow(img, cmap="gray_r", vmin=0, vmax=255)
-        ax.set_title(title, fontsize=8, color=MISTAKE if bad else "black")
+    for k, (img, title, bad) in enumerate(zip(images, titles, marked, strict=False)):
+        top, left = (k // cols) * height + height - 31, (k % cols) * width + (width - 28) // 2
+        canvas[top : top + 28, left : left + 28] = img
+        color = MISTAKE if bad else "black"
+        ax.text(left + 14, top - 1.5, title, ha="center", va="bottom", fontsize=8, color=color)
         if bad:
-            ax.axis("on")
-            ax.set(xticks=[], yticks=[])
-            for spine in ax.spines.values():
-                spine.set(color=MISTAKE, linewidth=2)
+            frame = (left - 1.5, top - 1.5)
+            ax.add_patch(Rectangle(frame, 30, 30, fill=False, edgecolor=MISTAKE, linewidth=2))
+    ax.imshow(canvas, cmap="gray_r", vmin=0, vmax=255, interpolation="nearest")
+    ax.set(xlim=(0, cols * width), ylim=(rows * height, 0))
+    ax.axis("off")
     fig.suptitle(suptitle)
     return fig
 
@@ -211,8 +218,7 @@ def prediction_grid(
     cols: int = 10,
 ) -> Path:
     """Predicted images with their captions; wrong predictions in red with a red frame."""
-    cell = (1.1, 1.25) if max(map(len, captions), default=0) < 14 else (1.6, 1.5)
-    fig = _digit_grid(images, captions, title, cols=cols, marked=wrong, cell=cell)
+    fig = _digit_grid(images, captions, title, cols=cols, marked=wrong)
     return _save(fig, path)
 
 
