@@ -96,10 +96,10 @@ def show(*paths):
 
 
 sys.path.insert(0, str(project_code()))
-import torch  # noqa: E402
+import torch
 
-import dataset  # noqa: E402
-import model  # noqa: E402
+import dataset
+import model
 
 print(f"torch {{torch.__version__}}; device: {{model.pick_device()}}")
 WORK = dataset.working_root()
