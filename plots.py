@@ -55,7 +55,7 @@ def _digit_grid(
         top, left = (k // cols) * height + height - 31, (k % cols) * width + (width - 28) // 2
         canvas[top : top + 28, left : left + 28] = img
         color = MISTAKE if bad else "black"
-        ax.text(left + 14, top - 1.5, title, ha="center", va="bottom", fontsize=8, color=color)
+        ax.text(left + 13.5, top - 1.5, title, ha="center", va="bottom", fontsize=8, color=color)
         if bad:
             frame = (left - 1.5, top - 1.5)
             ax.add_patch(Rectangle(frame, 30, 30, fill=False, edgecolor=MISTAKE, linewidth=2))

@@ -19,7 +19,7 @@ from cli import UserError
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 PARSERS = {
-    "train.py": lambda args: config.build_parser().parse_args(args),
+    "train.py": lambda args: config.check_flags(config.parse_args(args)),
     "predict.py": predict.parse_args,
     "dataset.py": lambda args: dataset.build_parser().parse_args(args),
     "serve.py": serve.parse_args,
