@@ -73,6 +73,8 @@ class Config:
     weight_decay: float | None = None
     width: int | None = None
     augment_strength: float = 1.0
+    elastic: float = 0.0
+    ema: float = 0.0
     ensemble: int = 1
     out_dir: str = field(default_factory=lambda: str(working_root() / "outputs"))
     model_dir: str = field(default_factory=lambda: str(working_root() / "models"))
@@ -301,6 +303,23 @@ def add_optimization_arguments(group, value) -> None:
         default=value("augment_strength"),
         help="multiplies the ranges of rotation, shift, scale and shear",
     )
+    group.add_argument(
+        "--elastic",
+        type=float,
+        default=value("elastic"),
+        metavar="PIXELS",
+        help="with --augment, also an elastic distortion: a smooth random displacement of the "
+        "pixels, at most this many pixels at its control points (0: none)",
+    )
+    group.add_argument(
+        "--ema",
+        type=float,
+        default=value("ema"),
+        metavar="DECAY",
+        help="validate, keep and score an exponential moving average of the weights, with this "
+        "decay a step, reached after a warm-up: step t's decay is at most (1 + t) / (10 + t) "
+        "(0: none)",
+    )
 
 
 MAX_SEED = 2**32 - 1  # numpy's and torch's seeds both take this range
@@ -315,6 +334,8 @@ RANGES = {
     "label_smoothing": (0, 1, False),
     "weight_decay": (0, 1.0, True),
     "augment_strength": (0, 3.0, True),
+    "elastic": (0, 8.0, True),
+    "ema": (0, 1, False),
     "width": (1, model.MAX_WIDTH, True),
     "log_interval": (0, math.inf, False),
 }
@@ -345,6 +366,11 @@ def check_flags(given: dict) -> None:
         raise UserError(f"--lr {given['lr']}: must be a positive number (for example 3e-3)")
     if "arch" in given:
         model.require_arch(given["arch"])
+    augments = given.get("augment", PRESETS[given.get("preset", "best")]["digits"].augment)
+    if given.get("elastic") and not augments:
+        raise UserError(
+            f"--elastic {given['elastic']:g}: distorts augmented batches (add --augment)"
+        )
     if given.get("tensorboard") is not None:
         import tensorboard_log
 

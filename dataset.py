@@ -860,11 +860,17 @@ class Normalize:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
-def warp(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+def warp(x: torch.Tensor, theta: torch.Tensor, offsets: torch.Tensor | None = None) -> torch.Tensor:
     """Resample a float batch [B,1,H,W] through affine maps theta [B,2,3] (output to input
-    coordinates, -1..1 across the image), bilinearly, filling with 0 outside."""
+    coordinates, -1..1 across the image), moved further by `offsets` [B,H,W,2] (in those
+    coordinates) where given, bilinearly, filling with 0 outside."""
     grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    if offsets is not None:
+        grid = grid + offsets.to(x.dtype)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+ELASTIC_POINTS = 4  # control points a side of the elastic displacement field (9 pixels apart)
 
 
 TTA_SHIFT = 1  # pixels
@@ -899,13 +905,17 @@ def rotate(x: torch.Tensor, degrees: float) -> torch.Tensor:
 
 @dataclass
 class Augment:
-    """Random small affine distortions, one per image, as batched tensor ops on any device."""
+    """Random small affine distortions, one per image, as batched tensor ops on any device;
+    with `elastic`, also a smooth random displacement of every pixel (Simard et al. 2003's
+    elastic distortion, its field drawn at ELASTIC_POINTS x ELASTIC_POINTS control points and
+    interpolated bicubically instead of smoothing per-pixel noise)."""
 
     degrees: float = 10.0
     translate: float = 0.1  # fraction of the side
     scale: float = 0.1  # +- fraction
     shear: float = 10.0  # degrees
     hflip: bool = False  # mirror half the images left to right
+    elastic: float = 0.0  # pixels: the largest displacement of a control point
 
     @classmethod
     def for_classes(cls, class_names) -> Augment:
@@ -922,11 +932,13 @@ class Augment:
             (self.translate, f"shift up to {self.translate:.0%}"),
             (self.scale, f"scale up to {self.scale:.0%}"),
             (self.shear, f"shear up to {self.shear:g} degrees"),
+            (self.elastic, f"elastic up to {self.elastic:g} pixels"),
         ]
         return ", ".join(text for on, text in parts if on) or "none"
 
     def scaled(self, strength: float) -> Augment:
-        """This policy with every distortion's range multiplied by `strength` (mirroring kept)."""
+        """This policy with every affine distortion's range multiplied by `strength` (mirroring
+        and the elastic distortion kept)."""
         ranges = ("degrees", "translate", "scale", "shear")
         return replace(self, **{name: getattr(self, name) * strength for name in ranges})
 
@@ -934,9 +946,14 @@ class Augment:
         """Distort a float batch [B,1,H,W] whose background is 0."""
         return self.apply(x, self.draw(x.shape[0], generator))
 
+    @property
+    def affine_columns(self) -> int:
+        return 6 if self.hflip else 5  # digits keep the random stream they were tuned with
+
     def draw(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """The random numbers of `n` images' distortions, in [-1, 1)."""
-        columns = 6 if self.hflip else 5  # digits keep the random stream they were tuned with
+        """The random numbers of `n` images' distortions, in [-1, 1): the affine map's, then
+        the elastic field's control points (x and y), if any."""
+        columns = self.affine_columns + (2 * ELASTIC_POINTS**2 if self.elastic else 0)
         return torch.rand(n, columns, generator=generator, device=generator.device) * 2 - 1
 
     def apply(self, x: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
@@ -956,7 +973,18 @@ class Augment:
         )
         if self.hflip:  # x_in = -x_out before the affine map: a mirror image
             theta[:, :, 0] *= torch.where(draws[:, 5] < 0, -1.0, 1.0)[:, None]
-        return warp(x, theta)
+        return warp(x, theta, self.elastic_offsets(x.shape, draws[:, self.affine_columns :]))
+
+    def elastic_offsets(self, shape: torch.Size, draws: torch.Tensor) -> torch.Tensor | None:
+        """The elastic displacement [B,H,W,2] of a batch of `shape` (warp's coordinates: a
+        pixel is 2/W across) from its control points' draws, or None without one."""
+        if not self.elastic:
+            return None
+        n, _, h, w = shape
+        points = draws.reshape(n, 2, ELASTIC_POINTS, ELASTIC_POINTS)
+        field = F.interpolate(points, size=(h, w), mode="bicubic", align_corners=True)
+        per_pixel = torch.tensor([2 / w, 2 / h], dtype=field.dtype, device=field.device)
+        return field.permute(0, 2, 3, 1) * (self.elastic * per_pixel)
 
 
 class DeviceBatches:

@@ -473,6 +473,7 @@ def _weights_problem(state_dict) -> str | None:
 
 
 EPOCH_RECORD = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")
+OPTIONAL_EPOCH_RECORD = ("val_loss_calibrated",)  # runs of older versions lack it
 
 
 def _record_problem(ckpt: dict) -> str | None:
@@ -515,10 +516,12 @@ def _epoch_record(row) -> bool:
     """Whether a history row is an epoch record: a whole epoch 1..MAX_EPOCHS and finite figures."""
     if not isinstance(row, dict) or not all(type(row.get(k)) in (int, float) for k in EPOCH_RECORD):
         return False
+    optional = [row[k] for k in OPTIONAL_EPOCH_RECORD if k in row]
     return (
         type(row["epoch"]) is int
         and 1 <= row["epoch"] <= MAX_EPOCHS
         and all(math.isfinite(row[k]) for k in EPOCH_RECORD)
+        and all(type(v) in (int, float) and math.isfinite(v) for v in optional)
     )
 
 

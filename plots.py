@@ -148,16 +148,22 @@ def exploration_figures(data, augment, out_dir: Path) -> list[Path]:
 def training_curves(
     history: list[dict], best_epoch: int, path: Path, training_batches: str
 ) -> Path:
-    """Loss and accuracy per epoch, training against validation, the epoch best.pt kept marked;
-    `training_batches` says how the training metrics were measured."""
+    """Loss and accuracy per epoch, training against validation (and the calibrated validation
+    loss, which chose the kept epoch, where every epoch recorded it), the epoch best.pt kept
+    marked; `training_batches` says how the training metrics were measured."""
     epochs = [h["epoch"] for h in history]
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for key, label, style in (("train", "training", "o-"), ("val", "validation", "s-")):
         loss_ax.plot(epochs, [h[f"{key}_loss"] for h in history], style, label=label, ms=3)
         acc_ax.plot(epochs, [100 * h[f"{key}_acc"] for h in history], style, label=label, ms=3)
+    judge, judged = "val_loss", "loss"
+    if all("val_loss_calibrated" in h for h in history):
+        judge, judged = "val_loss_calibrated", "calibrated loss"
+        calibrated = [h[judge] for h in history]
+        loss_ax.plot(epochs, calibrated, "s--", label="validation, calibrated", ms=3)
     for best in (h for h in history if h["epoch"] == best_epoch):
         for ax, value, text in (
-            (loss_ax, best["val_loss"], f"kept: epoch {best_epoch}\nloss {best['val_loss']:.4f}"),
+            (loss_ax, best[judge], f"kept: epoch {best_epoch}\n{judged} {best[judge]:.4f}"),
             (acc_ax, 100 * best["val_acc"], f"kept: epoch {best_epoch}\n{best['val_acc']:.2%}"),
         ):
             ax.annotate(

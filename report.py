@@ -349,7 +349,7 @@ def _model_section(models: list[dict], fig_dir: Path) -> list[str]:
         recipe = ", ".join(
             f"{key.replace('_', ' ')} {cfg[key]}"
             for key in RECIPE_KEYS
-            if key in cfg and cfg[key] is not None
+            if key in cfg and cfg[key] is not None and (cfg[key] or key not in OFF_BY_ZERO)
         )
         trained = "unknown (the checkpoint predates this record)"
         if data:
@@ -359,7 +359,10 @@ def _model_section(models: list[dict], fig_dir: Path) -> list[str]:
             )
         best = m.get("metrics") or {}
         kept = f"epoch {m['epoch']}"
-        if "val_loss" in best:
+        if "val_loss_calibrated" in best:
+            kept += f": calibrated validation loss {best['val_loss_calibrated']:.4f}"
+            kept += f", accuracy {best['val_acc']:.2%}"
+        elif "val_loss" in best:
             kept += f": validation loss {best['val_loss']:.4f}, accuracy {best['val_acc']:.2%}"
         rows = [
             ["checkpoint", m["checkpoint"]],
@@ -379,7 +382,8 @@ def _model_section(models: list[dict], fig_dir: Path) -> list[str]:
 
 
 RECIPE_KEYS = ("preset", "epochs", "batch_size", "lr", "optimizer", "scheduler")
-RECIPE_KEYS += ("label_smoothing", "augment", "seed")
+RECIPE_KEYS += ("label_smoothing", "augment", "elastic", "ema", "seed")
+OFF_BY_ZERO = ("elastic", "ema")  # named only when on
 
 
 def _temperature_text(temperature: float) -> str:

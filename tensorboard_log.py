@@ -18,6 +18,7 @@ INSTALL = "pip install tensorboard==2.21.0"
 SCALARS = {
     "train_loss": "loss/training",
     "val_loss": "loss/validation",
+    "val_loss_calibrated": "loss/validation_calibrated",
     "train_acc": "accuracy/training",
     "val_acc": "accuracy/validation",
     "lr": "learning_rate",

@@ -232,8 +232,8 @@ def build() -> dict:
         code(find, tags=("parameters",)),
         markdown(
             "## Train\n\nOne line per epoch, and a progress line within each; the epoch with "
-            "the lowest validation loss is kept. On two GPUs with no `TRAIN_ARGS`, two models "
-            "train at once, one per GPU, and predict averages them."
+            "the lowest calibrated validation loss is kept. On two GPUs with no `TRAIN_ARGS`, "
+            "two models train at once, one per GPU, and predict averages them."
         ),
         code(TRAIN),
         markdown("## Evaluate and predict"),

@@ -139,6 +139,29 @@ def test_augmentation_without_distortions_is_the_identity(digits):
     torch.testing.assert_close(identity, digits, atol=1e-5, rtol=0)
 
 
+def test_an_elastic_field_at_its_largest_everywhere_is_a_shift_of_that_many_pixels():
+    x = torch.zeros(2, 1, 28, 28)
+    x[:, :, 10:18, 10:18] = torch.rand(2, 1, 8, 8)
+    augment = Augment(degrees=0, translate=0, scale=0, shear=0, elastic=2.0)
+    draws = torch.zeros(2, augment.affine_columns + 2 * dataset.ELASTIC_POINTS**2)
+    draws[0, augment.affine_columns :][: dataset.ELASTIC_POINTS**2] = 1.0  # every point: x + 2
+    draws[1, augment.affine_columns :][dataset.ELASTIC_POINTS**2 :] = -1.0  # every point: y - 2
+    out = augment.apply(x, draws)
+    torch.testing.assert_close(out[0, :, 10:18, 8:16], x[0, :, 10:18, 10:18], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[1, :, 12:20, 10:18], x[1, :, 10:18, 10:18], atol=1e-5, rtol=0)
+
+
+def test_elastic_distortion_alone_moves_every_digit_and_keeps_its_ink(digits):
+    elastic = Augment(degrees=0, translate=0, scale=0, shear=0, elastic=2.0)
+    out = elastic(digits, torch.Generator().manual_seed(0))
+    assert ((out - digits).abs().flatten(1).sum(1) > 1).all()
+    ink_ratio = out.flatten(1).sum(1) / digits.flatten(1).sum(1)  # strokes stretch and shrink
+    assert ink_ratio.min() > 0.6
+    assert ink_ratio.max() < 1.6
+    stream = torch.rand(3, 5, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    assert torch.equal(Augment().draw(3, torch.Generator().manual_seed(1)), stream)  # as it was
+
+
 def test_mirroring_flips_about_half_of_the_images():
     x = torch.rand(64, 1, 28, 28)
     out = Augment(degrees=0, translate=0, scale=0, shear=0, hflip=True)(

@@ -91,7 +91,7 @@ def test_the_ddp_checkpoint_predicts(single_and_ddp, tmp_path):
 
 @pytest.mark.numerics
 def test_a_killed_ddp_run_resumes_and_finishes(tmp_path):
-    recipe = ["--arch", "strong", "--epochs", "6", "--max-rows", "3000"]
+    recipe = ["--arch", "strong", "--epochs", "6", "--max-rows", "3000", "--ema", "0.9"]
     run = torchrun(flags(tmp_path, *recipe), start_new_session=True)
     last = tmp_path / "models" / "last.pt"
     deadline = time.monotonic() + 300
@@ -107,7 +107,9 @@ def test_a_killed_ddp_run_resumes_and_finishes(tmp_path):
     assert resumed.returncode == 0, err[-8000:]
     history = (tmp_path / "out" / "history.csv").read_text().splitlines()[1:]
     assert [int(row.split(",")[0]) for row in history] == [1, 2, 3, 4, 5, 6]
-    assert model.load_checkpoint(last)["epoch"] == 6
+    finished = model.load_checkpoint(last)
+    assert finished["epoch"] == 6
+    assert finished["average_updates"] == 6 * (2700 // 128)  # every step of both processes' run
     assert (tmp_path / "out" / "metrics.json").is_file()
 
 
@@ -129,7 +131,7 @@ def test_each_rank_drives_the_gpu_of_its_local_rank():
     assert ddp.device_name("cuda:1", ddp.SINGLE, cuda_available=True) == "cuda:1"
 
 
-@pytest.mark.parametrize("augment", [None, dataset.Augment()])
+@pytest.mark.parametrize("augment", [None, dataset.Augment(), dataset.Augment(elastic=2.0)])
 def test_the_ranks_shares_make_up_the_single_process_batch(augment):
     images = torch.randint(0, 256, (50, 28, 28), dtype=torch.uint8)
     labels = torch.arange(50) % 10

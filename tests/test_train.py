@@ -5,6 +5,7 @@ precision is $MNIST_PRECISION's (CI runs these tests on both CPU numerics paths)
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import os
@@ -23,6 +24,7 @@ from conftest import ROOT, SAMPLE_TEST, SAMPLE_TRAIN, csv_text, make_table, run_
 import cli
 import config
 import dataset
+import ema
 import model
 import parallel
 import train
@@ -74,7 +76,10 @@ def test_calibration_fits_a_temperature_that_lowers_the_validation_nll(learned):
 def test_the_history_has_a_row_per_epoch(learned):
     _, folder = learned
     history = (folder / "out" / "history.csv").read_text().splitlines()
-    assert history[0] == "epoch,train_loss,train_acc,val_loss,val_acc,lr,seconds,images_per_s"
+    assert history[0].split(",") == [
+        *("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_loss_calibrated"),
+        *("lr", "seconds", "images_per_s"),
+    ]
     assert len(history) == 1 + 3
 
 
@@ -333,8 +338,26 @@ def test_the_curves_say_how_training_metrics_were_measured(recipes):
     ],
 )
 def test_best_pt_is_the_epoch_that_validates_best(row, other, better):
-    rows = [{"val_acc": acc, "val_loss": loss} for acc, loss in (row, other)]
+    rows = [{"val_acc": acc, "val_loss_calibrated": loss} for acc, loss in (row, other)]
     assert train.validates_better(*rows) == better
+    plain = [{"val_acc": acc, "val_loss": loss} for acc, loss in (row, other)]
+    assert train.validates_better(*plain) == better  # rows of runs from before calibrated loss
+
+
+def test_the_calibrated_loss_judges_over_the_plain_one():
+    surer = {"val_acc": 0.9948, "val_loss": 0.0939, "val_loss_calibrated": 0.0210}
+    better = {"val_acc": 0.9974, "val_loss": 0.0996, "val_loss_calibrated": 0.0140}
+    assert train.validates_better(better, surer)
+    assert not train.validates_better(better, {k: surer[k] for k in ("val_acc", "val_loss")})
+
+
+def test_every_epoch_records_its_calibrated_validation_loss(learned):
+    _, folder = learned
+    with open(folder / "out" / "history.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3
+    for row in rows:  # at about 90% right the fitted temperature is the loss's own minimum
+        assert 0 < float(row["val_loss_calibrated"]) <= float(row["val_loss"])
 
 
 def _history_without_timing(path) -> list[list[str]]:
@@ -354,8 +377,11 @@ def _train_process(*args: str) -> subprocess.Popen:
     return subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=os.environ)
 
 
-def test_a_run_killed_after_an_epoch_resumes_to_identical_weights(tmp_path):
-    run = ["--epochs", "6", "--max-rows", "800", "--arch", "basic"]
+@pytest.mark.parametrize(
+    "recipe", [["--arch", "basic"], ["--arch", "basic_bn", "--ema", "0.9"]], ids=["plain", "ema"]
+)
+def test_a_run_killed_after_an_epoch_resumes_to_identical_weights(tmp_path, recipe):
+    run = ["--epochs", "6", "--max-rows", "800", *recipe]
     killed = _train_process(*quick_args(tmp_path / "killed", *run))
     for line in killed.stdout:
         if line.startswith("epoch   2/6"):
@@ -371,10 +397,81 @@ def test_a_run_killed_after_an_epoch_resumes_to_identical_weights(tmp_path):
     whole = model.load_checkpoint(tmp_path / "whole" / "models" / "last.pt")
     assert resumed["epoch"] == whole["epoch"] == 6
     assert [h["val_loss"] for h in resumed["history"]] == [h["val_loss"] for h in whole["history"]]
-    different = [
-        k for k, w in whole["state_dict"].items() if not torch.equal(resumed["state_dict"][k], w)
-    ]
-    assert different == []
+    for weights in ("state_dict", "trained_state_dict") if "--ema" in recipe else ("state_dict",):
+        different = [
+            k for k, w in whole[weights].items() if not torch.equal(resumed[weights][k], w)
+        ]
+        assert different == [], weights
+
+
+def test_ema_keeps_the_average_and_leaves_training_as_it_was(tmp_path):
+    run = ["--epochs", "2", "--max-rows", "400", "--arch", "basic_bn", "--quiet", "--no-plots"]
+    train.main(quick_args(tmp_path / "plain", *run))
+    train.main(quick_args(tmp_path / "ema", *run, "--ema", "0.9"))
+    plain = model.load_checkpoint(tmp_path / "plain" / "models" / "last.pt")
+    last = model.load_checkpoint(tmp_path / "ema" / "models" / "last.pt")
+    best = model.load_checkpoint(tmp_path / "ema" / "models" / "best.pt")
+    trained, kept = last["trained_state_dict"], last["state_dict"]
+    assert all(torch.equal(w, trained[k]) for k, w in plain["state_dict"].items())
+    assert last["average_updates"] == 2 * 2  # two epochs of 360 rows: 2 full batches of 128
+    assert any(not torch.equal(w, trained[k]) for k, w in kept.items() if w.is_floating_point())
+    # the history validated the average: the same weights trained, other validation losses
+    assert [h["val_loss"] for h in last["history"]] != [h["val_loss"] for h in plain["history"]]
+    # and best.pt holds the average validated: calibrating it gives its epoch's calibrated loss
+    metrics = json.loads((tmp_path / "ema" / "out" / "metrics.json").read_text())
+    kept_row = best["history"][best["epoch"] - 1]
+    fitted = metrics["calibration"]["val_nll_after"]
+    assert kept_row["val_loss_calibrated"] == pytest.approx(fitted, abs=2e-5)
+
+
+def test_a_skipped_fp16_step_is_not_averaged():
+    net = torch.nn.Linear(4, 2)
+    cfg = config.Config(ema=0.5, scheduler="none")
+    optimization = train.Optimization.create(cfg, net, steps_per_epoch=1, fp16=True)
+    before = optimization.average.net.weight.clone()
+    optimization.step(net(torch.full((3, 4), float("inf"))).sum())  # the scaler skips it
+    assert optimization.average.updates == 0
+    assert torch.equal(optimization.average.net.weight, before)
+    optimization.step(net(torch.ones(3, 4)).sum())
+    assert optimization.average.updates == 1
+
+
+def test_history_csv_has_every_column_when_earlier_epochs_lack_one(tmp_path):
+    older = {"epoch": 1, "train_loss": 0.5, "val_loss": 0.4}
+    newer = {**older, "epoch": 2, "val_loss_calibrated": 0.3}
+    train.write_history(tmp_path / "history.csv", [older, newer])
+    with open(tmp_path / "history.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["val_loss_calibrated"] for row in rows] == ["", "0.3"]
+
+
+def test_the_kept_line_names_the_loss_that_chose_the_epoch():
+    summary = {"train_images_per_s": 1000}
+    old = {"epoch": 3, "metrics": {"val_loss": 0.1, "val_acc": 0.99}}
+    new = {"epoch": 4, "metrics": {**old["metrics"], "val_loss_calibrated": 0.02}}
+    assert "(validation loss 0.1000, accuracy 99.00%)" in train.kept_line(old, summary, Path("b"))
+    assert "(calibrated validation loss 0.0200," in train.kept_line(new, summary, Path("b"))
+
+
+def test_the_weight_average_warms_up_then_follows_at_its_decay():
+    torch.manual_seed(0)
+    trained = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    average = ema.WeightAverage(trained, decay=0.5)
+    start = average.net[0].weight.clone()
+    with torch.no_grad():
+        trained[0].weight.add_(1.0)
+    trained[1].num_batches_tracked += 7
+    average.update()  # decay min(0.5, 1/10): mostly the new weights
+    assert torch.allclose(average.net[0].weight, 0.1 * start + 0.9 * trained[0].weight)
+    assert average.net[1].num_batches_tracked.item() == 7
+    before = average.net[0].weight.clone()
+    average.update()  # decay min(0.5, 2/11)
+    assert torch.allclose(average.net[0].weight, 2 / 11 * before + 9 / 11 * trained[0].weight)
+    for _ in range(20):
+        average.update()
+    assert average.decay_now() == 0.5
+    assert not average.net.training
+    assert not any(p.requires_grad for p in average.net.parameters())
 
 
 def _bad_checkpoints(folder) -> None:
@@ -398,6 +495,9 @@ def _bad_checkpoints(folder) -> None:
         (["--lr", "0"], "--lr 0.0: must be a positive number"),
         (["--lr", "inf"], "--lr inf: must be a positive number"),
         (["--label-smoothing", "1"], "--label-smoothing 1.0: must be in [0, 1)"),
+        (["--ema", "1"], "--ema 1.0: must be in [0, 1)"),
+        (["--elastic", "9"], "--elastic 9.0: must be in [0, 8]"),
+        (["--no-augment", "--elastic", "2"], "--elastic 2: distorts augmented batches"),
         (["--max-rows", "1"], "--max-rows 1: must be at least 2"),
         (["--val-split", "1.5"], "--val-split 1.5: must be between 0 and 1"),
         (["--val-split", "0"], "--val-split 0.0: must be between 0 and 1"),
