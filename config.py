@@ -267,6 +267,7 @@ def add_recipe_arguments(group, value) -> None:
         help=f"random distortions per batch (default: {recipe_default('augment')})",
     )
     add_optimization_arguments(group, value)
+    add_distortion_and_averaging_arguments(group, value)
 
 
 def add_optimization_arguments(group, value) -> None:
@@ -297,6 +298,10 @@ def add_optimization_arguments(group, value) -> None:
         help="channels of the first block, for architectures with a width (default: the "
         "architecture's own; strong: 32)",
     )
+
+
+def add_distortion_and_averaging_arguments(group, value) -> None:
+    """The recipe's flags of how strongly to distort, and of the weights' average."""
     group.add_argument(
         "--augment-strength",
         type=float,
