@@ -118,6 +118,19 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return z / z.sum(1, keepdims=True)
 
 
+def judging_loss(metrics: dict) -> tuple[str, float] | None:
+    """The loss that chose an epoch, named, from its history row: the calibrated validation loss,
+    or the plain one for epochs of runs from before the calibrated loss was recorded; None
+    without either."""
+    for key, name in (
+        ("val_loss_calibrated", "calibrated validation loss"),
+        ("val_loss", "validation loss"),
+    ):
+        if key in metrics:
+            return name, metrics[key]
+    return None
+
+
 def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
     """Mean negative log-likelihood of the true classes at `temperature`."""
     p_true = softmax(logits, temperature)[np.arange(len(labels)), labels]
@@ -359,11 +372,8 @@ def _model_section(models: list[dict], fig_dir: Path) -> list[str]:
             )
         best = m.get("metrics") or {}
         kept = f"epoch {m['epoch']}"
-        if "val_loss_calibrated" in best:
-            kept += f": calibrated validation loss {best['val_loss_calibrated']:.4f}"
-            kept += f", accuracy {best['val_acc']:.2%}"
-        elif "val_loss" in best:
-            kept += f": validation loss {best['val_loss']:.4f}, accuracy {best['val_acc']:.2%}"
+        if judged := judging_loss(best):
+            kept += f": {judged[0]} {judged[1]:.4f}, accuracy {best['val_acc']:.2%}"
         rows = [
             ["checkpoint", m["checkpoint"]],
             ["architecture", f"{m['arch']}, {m['parameters']:,} parameters"],

@@ -597,11 +597,9 @@ def peak_gpu_memory(device: torch.device) -> dict:
 def kept_line(best: dict, summary: dict, best_path: Path) -> str:
     """The line naming the epoch kept, what chose it, where it is and the training rate."""
     kept = best["metrics"]
-    loss = ("calibrated validation loss", kept.get("val_loss_calibrated"))
-    if loss[1] is None:  # an epoch of a run from before the calibrated loss was recorded
-        loss = ("validation loss", kept["val_loss"])
+    name, loss = report.judging_loss(kept)
     return (
-        f"best epoch {best['epoch']} ({loss[0]} {loss[1]:.4f}, accuracy {kept['val_acc']:.2%}) "
+        f"best epoch {best['epoch']} ({name} {loss:.4f}, accuracy {kept['val_acc']:.2%}) "
         f"-> {best_path}; {summary['train_images_per_s']:,} training images/s"
     )
 
