@@ -436,6 +436,28 @@ def test_a_skipped_fp16_step_is_not_averaged():
     assert optimization.average.updates == 1
 
 
+@pytest.mark.parametrize("name", sorted(config.OPTIMIZERS))
+def test_the_optimizer_is_fused_on_the_cpu_with_the_loops_arithmetic(name):
+    torch.manual_seed(0)
+    net, twin = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
+    twin.load_state_dict(net.state_dict())
+    start = net.weight.detach().clone()
+    cfg = config.Config(optimizer=name, scheduler="none")
+    optimization = train.Optimization.create(cfg, net, steps_per_epoch=1, fp16=False)
+    assert optimization.optimizer.param_groups[0]["fused"] is True
+    kind, settings = config.OPTIMIZERS[name]
+    loop = kind(twin.parameters(), lr=cfg.lr, foreach=False, **settings)
+    x = torch.randn(16, 8)
+    for _ in range(3):
+        optimization.step(net(x).square().mean())
+        loop.zero_grad()
+        twin(x).square().mean().backward()
+        loop.step()
+    assert not torch.allclose(net.weight, start)  # the steps moved the weights
+    for fused, looped in zip(net.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(fused, looped, rtol=1e-5, atol=1e-6)
+
+
 def test_history_csv_has_every_column_when_earlier_epochs_lack_one(tmp_path):
     older = {"epoch": 1, "train_loss": 0.5, "val_loss": 0.4}
     newer = {**older, "epoch": 2, "val_loss_calibrated": 0.3}
