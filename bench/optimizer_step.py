@@ -3,7 +3,8 @@ implementations: a loop over the parameters (torch's default on the CPU), the mu
 `foreach` one and the `fused` kernel that train.py uses on the CPU and on CUDA.
 
 usage: python bench/optimizer_step.py [--archs basic_bn strong] [--optimizer adamw] [--steps 30]
-Random inputs at each preset's batch size, fp32, channels_last; median of --steps steps.
+Random inputs at each preset's batch size, fp32, channels_last, glibc keeping freed memory as in
+train.py; the median of --steps steps.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ def main() -> None:
     parser.add_argument("--optimizer", choices=config.OPTIMIZERS, default=config.Config.optimizer)
     parser.add_argument("--steps", type=int, default=30)
     args = parser.parse_args()
+    model.keep_freed_memory()  # as train.py does on the CPU
     print(f"{machine()}; torch {torch.__version__}; {args.optimizer}, fp32")
     print(f"{'network':10} {'implementation':15} {'optimizer step ms':>18} {'whole step ms':>14}")
     for arch in args.archs:
