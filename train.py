@@ -47,9 +47,9 @@ from config import Config
 
 RANK_SEED_STEP = 7919  # torchrun rank r > 0 draws its dropout masks from seed + r * this
 # Where the optimizers step every parameter in one fused kernel: on the CPU a fraction of the time
-# of torch's default there, a loop over the parameters (bench/optimizer_step.py). Only for float32
-# weights (autocast keeps them so): the CPU's fused SGD skips most of an fp16 or bf16 weight's
-# update in torch 2.12-2.13 (pytorch/pytorch#191763).
+# of torch's default there, a loop over the parameters (bench/optimizer_step.py). Not with fp16's
+# loss scaler: a step it skips still runs fused SGD's first step, which leaves the momentum
+# buffers it allocated unset, and the next step reads them.
 FUSED_OPTIMIZER_DEVICES = ("cpu", "cuda")
 
 
@@ -112,11 +112,10 @@ class Optimization:
         kind, settings = config.OPTIMIZERS[cfg.optimizer]
         if cfg.weight_decay is not None:
             settings = {**settings, "weight_decay": cfg.weight_decay}
-        weights = list(net.parameters())
-        device_type = weights[0].device.type
-        if device_type in FUSED_OPTIMIZER_DEVICES and {w.dtype for w in weights} == {torch.float32}:
+        device_type = next(net.parameters()).device.type
+        if device_type in FUSED_OPTIMIZER_DEVICES and not fp16:
             settings = {**settings, "fused": True}
-        optimizer = kind(weights, lr=cfg.lr, **settings)
+        optimizer = kind(net.parameters(), lr=cfg.lr, **settings)
         scheduler, per_batch = make_scheduler(cfg, optimizer, cfg.epochs * steps_per_epoch)
         scaler = torch.amp.GradScaler(device_type) if fp16 else None
         average = ema.WeightAverage(net, cfg.ema) if cfg.ema else None

@@ -458,6 +458,27 @@ def test_the_optimizer_is_fused_on_the_cpu_with_the_loops_arithmetic(name):
         torch.testing.assert_close(fused, looped, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", sorted(config.OPTIMIZERS))
+def test_with_the_loss_scaler_a_skipped_first_step_leaves_no_state_behind(name):
+    # fused SGD's first step allocates its momentum unset and, skipped, leaves it so
+    torch.manual_seed(0)
+    net, twin = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
+    twin.load_state_dict(net.state_dict())
+    cfg = config.Config(optimizer=name, scheduler="none")
+    optimization = train.Optimization.create(cfg, net, steps_per_epoch=1, fp16=True)
+    kind, settings = config.OPTIMIZERS[name]
+    loop = kind(twin.parameters(), lr=cfg.lr, foreach=False, **settings)
+    optimization.step(net(torch.full((3, 8), float("inf"))).sum())  # the scaler skips it
+    x = torch.randn(16, 8)
+    for _ in range(3):
+        optimization.step(net(x).square().mean())
+        loop.zero_grad()
+        twin(x).square().mean().backward()
+        loop.step()
+    for scaled, looped in zip(net.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(scaled, looped, rtol=1e-5, atol=1e-6)
+
+
 def test_history_csv_has_every_column_when_earlier_epochs_lack_one(tmp_path):
     older = {"epoch": 1, "train_loss": 0.5, "val_loss": 0.4}
     newer = {**older, "epoch": 2, "val_loss_calibrated": 0.3}
