@@ -436,23 +436,34 @@ def test_a_skipped_fp16_step_is_not_averaged():
     assert optimization.average.updates == 1
 
 
-@pytest.mark.parametrize("name", sorted(config.OPTIMIZERS))
-def test_the_optimizer_is_fused_on_the_cpu_with_the_loops_arithmetic(name):
+def optimization_beside_the_loop(name: str, fp16: bool, skipped_first: bool):
+    """train.Optimization for `name` on a small net, and the same optimizer as torch's loop
+    implementation on a copy of it; after an optional first step the loss scaler skips, both
+    take three steps on the same batch, and the nets are returned."""
     torch.manual_seed(0)
     net, twin = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
     twin.load_state_dict(net.state_dict())
-    start = net.weight.detach().clone()
     cfg = config.Config(optimizer=name, scheduler="none")
-    optimization = train.Optimization.create(cfg, net, steps_per_epoch=1, fp16=False)
-    assert optimization.optimizer.param_groups[0]["fused"] is True
+    optimization = train.Optimization.create(cfg, net, steps_per_epoch=1, fp16=fp16)
     kind, settings = config.OPTIMIZERS[name]
     loop = kind(twin.parameters(), lr=cfg.lr, foreach=False, **settings)
+    if skipped_first:
+        optimization.step(net(torch.full((3, 8), float("inf"))).sum())  # the scaler skips it
     x = torch.randn(16, 8)
     for _ in range(3):
         optimization.step(net(x).square().mean())
         loop.zero_grad()
         twin(x).square().mean().backward()
         loop.step()
+    return optimization, net, twin
+
+
+@pytest.mark.parametrize("name", sorted(config.OPTIMIZERS))
+def test_the_optimizer_is_fused_on_the_cpu_with_the_loops_arithmetic(name):
+    torch.manual_seed(0)
+    start = torch.nn.Linear(8, 4).weight.detach().clone()  # the helper's net, as it starts
+    optimization, net, twin = optimization_beside_the_loop(name, fp16=False, skipped_first=False)
+    assert optimization.optimizer.param_groups[0]["fused"] is True
     assert not torch.allclose(net.weight, start)  # the steps moved the weights
     for fused, looped in zip(net.parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(fused, looped, rtol=1e-5, atol=1e-6)
@@ -461,20 +472,7 @@ def test_the_optimizer_is_fused_on_the_cpu_with_the_loops_arithmetic(name):
 @pytest.mark.parametrize("name", sorted(config.OPTIMIZERS))
 def test_with_the_loss_scaler_a_skipped_first_step_leaves_no_state_behind(name):
     # fused SGD's first step allocates its momentum unset and, skipped, leaves it so
-    torch.manual_seed(0)
-    net, twin = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
-    twin.load_state_dict(net.state_dict())
-    cfg = config.Config(optimizer=name, scheduler="none")
-    optimization = train.Optimization.create(cfg, net, steps_per_epoch=1, fp16=True)
-    kind, settings = config.OPTIMIZERS[name]
-    loop = kind(twin.parameters(), lr=cfg.lr, foreach=False, **settings)
-    optimization.step(net(torch.full((3, 8), float("inf"))).sum())  # the scaler skips it
-    x = torch.randn(16, 8)
-    for _ in range(3):
-        optimization.step(net(x).square().mean())
-        loop.zero_grad()
-        twin(x).square().mean().backward()
-        loop.step()
+    _, net, twin = optimization_beside_the_loop(name, fp16=True, skipped_first=True)
     for scaled, looped in zip(net.parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(scaled, looped, rtol=1e-5, atol=1e-6)
 
