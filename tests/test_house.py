@@ -1,10 +1,12 @@
 """The shape of the product code that docs/architecture.md promises: the modules import one
 another without a circle (imports inside functions count), and every function fits on a
-screen."""
+screen; and what every command shares at its exit."""
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 
 from conftest import ROOT
 
@@ -82,3 +84,15 @@ def test_the_architecture_page_draws_the_imports_as_they_are():
             drawn.add((a, b))
     real = {(name, other) for name in MODULES for other in imports(name) - {"cli", "atomic"}}
     assert drawn == real
+
+
+def test_at_exit_every_command_freezes_what_is_left_for_the_garbage_collector():
+    # registered before cli's own handler, this one runs after it (exit handlers run last first)
+    probe = (
+        "import atexit, gc; atexit.register(lambda: print(gc.get_freeze_count() > 0)); "
+        "import cli; print(gc.get_freeze_count() > 0)"
+    )
+    shown = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert shown.stdout.split() == ["False", "True"]
