@@ -152,15 +152,20 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
 
 def _golden_section(f, steps: int = 60) -> float:
     """The minimum of a unimodal function of the temperature, searched over log T in
-    TEMPERATURES."""
+    TEMPERATURES: each step keeps one of its two inner points and evaluates `f` once."""
     lo, hi = np.log(TEMPERATURES)
     ratio = (np.sqrt(5) - 1) / 2
+    a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+    fa, fb = f(np.exp(a)), f(np.exp(b))
     for _ in range(steps):
-        a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
-        if f(np.exp(a)) <= f(np.exp(b)):
-            hi = b
+        if fa <= fb:
+            hi, b, fb = b, a, fa
+            a = hi - ratio * (hi - lo)
+            fa = f(np.exp(a))
         else:
-            lo = a
+            lo, a, fa = a, b, fb
+            b = lo + ratio * (hi - lo)
+            fb = f(np.exp(b))
     return float(np.exp((lo + hi) / 2))
 
 

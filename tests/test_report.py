@@ -234,6 +234,17 @@ def test_the_brier_score_is_the_squared_distance_to_the_truth():
     assert report.brier_score(probs[2:], labels[2:]) == pytest.approx(0.9)
 
 
+def test_the_temperature_search_finds_a_minimum_evaluating_once_a_step():
+    calls = []
+
+    def loss(t: float) -> float:
+        calls.append(t)
+        return (np.log(t) - np.log(3.0)) ** 2
+
+    assert report._golden_section(loss, steps=60) == pytest.approx(3.0, rel=1e-9)
+    assert len(calls) == 62  # the two first inner points, then one a step
+
+
 def test_the_fitted_temperature_is_the_one_the_labels_were_drawn_with():
     rng = np.random.default_rng(0)
     logits = rng.normal(0, 4, size=(20_000, 10))
