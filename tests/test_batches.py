@@ -139,6 +139,15 @@ def test_augmentation_without_distortions_is_the_identity(digits):
     torch.testing.assert_close(identity, digits, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("shape", [(16, 1, 28, 28), (3, 1, 20, 28)])
+def test_warp_resamples_where_torchs_affine_grid_points(shape):
+    x = torch.rand(shape)
+    theta = torch.randn(shape[0], 2, 3, generator=torch.Generator().manual_seed(0))
+    grid = torch.nn.functional.affine_grid(theta, list(shape), align_corners=False)
+    expected = torch.nn.functional.grid_sample(x, grid, align_corners=False)
+    torch.testing.assert_close(dataset.warp(x, theta), expected, atol=1e-6, rtol=0)
+
+
 def test_an_elastic_field_at_its_largest_everywhere_is_a_shift_of_that_many_pixels():
     x = torch.zeros(2, 1, 28, 28)
     x[:, :, 10:18, 10:18] = torch.rand(2, 1, 8, 8)
