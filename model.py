@@ -95,6 +95,27 @@ def basic_bn(num_classes: int = 10) -> nn.Module:
     )
 
 
+@register("small_bn")
+def small_bn(num_classes: int = 10) -> nn.Module:
+    """A quarter of `basic_bn`'s parameters at about three times its training speed on a CPU: an
+    unpadded 5x5 conv of 24 (24x24 pixels) and a 3x3 conv of 32 (10x10), each pooled, then batch
+    norm and ReLU, and a 256-unit dense layer. The `--preset fast` network for digits."""
+    return nn.Sequential(
+        nn.Conv2d(1, 24, 5, bias=False),
+        nn.MaxPool2d(2),
+        nn.BatchNorm2d(24),
+        nn.ReLU(),
+        nn.Conv2d(24, 32, 3, bias=False),
+        nn.MaxPool2d(2),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(32 * 5 * 5, 256),
+        nn.ReLU(),
+        nn.Linear(256, num_classes),
+    )
+
+
 def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
 

@@ -194,7 +194,7 @@ def default_params(task: str, max_epochs: int) -> dict:
         "epochs": min(recipe.epochs, max_epochs),
         "weight_decay": optimizer_decay,
         "label_smoothing": defaults.label_smoothing,
-        "augment_strength": defaults.augment_strength if recipe.augment else 0.0,
+        "augment_strength": recipe.augment_strength if recipe.augment else 0.0,
         "width": width,
     }
 

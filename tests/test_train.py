@@ -32,7 +32,7 @@ from cli import run_cli
 
 pytestmark = pytest.mark.numerics
 
-RECIPE = ("arch", "epochs", "batch_size", "lr", "augment")
+RECIPE = ("arch", "epochs", "batch_size", "lr", "augment", "augment_strength")
 
 
 def quick_args(folder, *extra: str) -> list[str]:
@@ -192,15 +192,15 @@ def test_an_ensemble_prints_the_command_that_predicts_with_it(ensemble):
 @pytest.mark.parametrize(
     ("flags", "task", "expected"),
     [
-        ([], "digits", ("strong", 15, 128, 3e-3, True)),
-        ([], "fashion", ("wide", 20, 128, 3e-3, True)),
-        (["--preset", "fast"], "digits", ("basic_bn", 2, 256, 1e-2, False)),
-        (["--preset", "fast"], "fashion", ("basic_bn", 6, 256, 1e-2, False)),
-        (["--epochs", "3", "--no-augment"], "fashion", ("wide", 3, 128, 3e-3, False)),
+        ([], "digits", ("strong", 15, 128, 3e-3, True, 1.0)),
+        ([], "fashion", ("wide", 20, 128, 3e-3, True, 1.0)),
+        (["--preset", "fast"], "digits", ("small_bn", 4, 256, 1e-2, True, 0.5)),
+        (["--preset", "fast"], "fashion", ("basic_bn", 6, 256, 1e-2, False, 1.0)),
+        (["--epochs", "3", "--no-augment"], "fashion", ("wide", 3, 128, 3e-3, False, 1.0)),
         (
-            ["--preset", "fast", "--lr", "2e-3", "--arch", "basic"],
+            ["--preset", "fast", "--lr", "2e-3", "--arch", "basic", "--augment-strength", "0.8"],
             "digits",
-            ("basic", 2, 256, 2e-3, False),
+            ("basic", 4, 256, 2e-3, True, 0.8),
         ),
     ],
 )
@@ -209,16 +209,23 @@ def test_the_recipe_follows_preset_and_task_and_a_given_flag_wins(flags, task, e
     assert tuple(getattr(cfg, key) for key in RECIPE) == expected
 
 
+@pytest.mark.parametrize("arch", sorted(model.ARCHITECTURES))
+def test_every_architecture_maps_digits_to_one_logit_per_class(arch):
+    net = model.build(arch, num_classes=7).eval()
+    assert net(torch.zeros(3, 1, 28, 28)).shape == (3, 7)
+
+
 def test_the_config_defaults_are_the_digit_recipe():
-    assert tuple(getattr(config.Config(), key) for key in RECIPE) == ("strong", 15, 128, 3e-3, True)
+    defaults = ("strong", 15, 128, 3e-3, True, 1.0)
+    assert tuple(getattr(config.Config(), key) for key in RECIPE) == defaults
 
 
 def test_help_shows_what_each_preset_makes_of_a_recipe_flag(capsys):
     with pytest.raises(SystemExit):
         config.parse_args(["--help"])
-    assert "best: 15, Fashion-MNIST 20; fast: 2, Fashion-MNIST 6" in " ".join(
-        capsys.readouterr().out.split()
-    )
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "best: 15, Fashion-MNIST 20; fast: 4, Fashion-MNIST 6" in shown
+    assert "(default: best: 1.0; fast: 0.5, Fashion-MNIST 1.0)" in shown
 
 
 @pytest.mark.parametrize("script", ["train.py", "predict.py", "tune.py", "serve.py", "dataset.py"])
@@ -287,7 +294,9 @@ def recipes(tmp_path_factory):
     runs = {
         "digits": quick_args(folder / "digits", "--epochs", "1", "--max-rows", "300"),
         "fashion": [*quick_args(folder / "fashion", "--epochs", "1"), "--train", str(fashion)],
-        "fast": [*quick_args(folder / "fast", "--max-rows", "300", "--preset", "fast")],
+        "fast": [
+            *quick_args(folder / "fast", "--max-rows", "300", "--preset", "fast", "--no-augment")
+        ],
     }
     runs["fast"].remove("--no-plots")
     titles = []
@@ -306,9 +315,9 @@ def recipes(tmp_path_factory):
 @pytest.mark.parametrize(
     ("run", "expected"),
     [
-        ("digits", ("strong", 1, 128, 3e-3, True)),
-        ("fashion", ("wide", 1, 128, 3e-3, True)),
-        ("fast", ("basic_bn", 2, 256, 1e-2, False)),
+        ("digits", ("strong", 1, 128, 3e-3, True, 1.0)),
+        ("fashion", ("wide", 1, 128, 3e-3, True, 1.0)),
+        ("fast", ("small_bn", 4, 256, 1e-2, False, 0.5)),
     ],
 )
 def test_a_checkpoint_saves_the_recipe_its_run_used(recipes, run, expected):
@@ -325,7 +334,19 @@ def test_a_run_without_augmentation_draws_no_augmentation_figure(recipes):
 
 def test_the_curves_say_how_training_metrics_were_measured(recipes):
     _, titles = recipes
-    assert titles == ["dropout on, label-smoothed loss"]  # basic_bn, no augmented batches
+    assert titles == ["label-smoothed loss"]  # small_bn: no dropout; no augmented batches
+
+
+@pytest.mark.parametrize(
+    ("arch", "augment", "expected"),
+    [
+        ("basic_bn", False, "dropout on, label-smoothed loss"),
+        ("small_bn", True, "augmented batches, label-smoothed loss"),
+    ],
+)
+def test_the_curves_caption_names_what_the_training_metrics_include(arch, augment, expected):
+    cfg = config.Config(arch=arch, augment=augment)
+    assert train.curves_caption(cfg, model.build(arch)) == expected
 
 
 @pytest.mark.parametrize(
