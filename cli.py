@@ -17,11 +17,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-# At the interpreter's exit, every object left is moved out of the garbage collector's sight
-# (gc.freeze): its last collection would otherwise walk all of torch's modules, about 0.4 s of
-# every command. Registered first, it runs after every other exit handler.
-atexit.register(gc.freeze)
-
 MAX_ERROR_CHARS = 300  # an error line longer than this is cut in the middle
 EVAL_BATCH_SIZE = 1024  # images a forward pass when no gradients are kept (scoring, predicting)
 
@@ -104,7 +99,14 @@ class CLIParser(argparse.ArgumentParser):
 def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:
     """Run a CLI entry point: a UserError becomes one line on stderr and its exit code (2, or 1
     for a failure that is not the user's); Ctrl-C and SIGTERM stop it with one line and 130 or
-    143; output into a closed pipe ends it quietly with 141."""
+    143; output into a closed pipe ends it quietly with 141. The process's exit then skips the
+    garbage collector's last pass."""
+    # At the exit of a process that ran a command, every object left is moved out of the garbage
+    # collector's sight (gc.freeze): its last collection would otherwise walk all of torch's
+    # modules, about 0.4 s of every command. Registered once however many commands a process
+    # runs; a script that only imports the project's modules keeps its last collection.
+    atexit.unregister(gc.freeze)
+    atexit.register(gc.freeze)
     previous = signal.getsignal(signal.SIGTERM)
     if threading.current_thread() is threading.main_thread():  # only it may set handlers
         signal.signal(signal.SIGTERM, _terminate)
