@@ -37,7 +37,7 @@ PRESETS = {
         "fashion": Recipe(arch="wide", epochs=20, batch_size=128, lr=3e-3, augment=True),
     },
     "fast": {
-        # half-strength distortions: a short run gains from them, full ones slow it down
+        # four epochs gain more from half-strength distortions than from full ones
         "digits": Recipe(
             arch="small_bn", epochs=4, batch_size=256, lr=1e-2, augment=True, augment_strength=0.5
         ),
@@ -59,7 +59,8 @@ HERE = {"here": True}  # a setting of how to run on this machine: --resume takes
 @dataclass(frozen=True)
 class Config:
     """Every setting of one training run. The defaults are what `python train.py` uses on
-    digits; the recipe fields (arch to augment) follow --preset and the task unless a flag gives
+    digits; the recipe fields (arch to augment, and augment_strength) follow --preset and the
+    task unless a flag gives
     them. Saved in every checkpoint; --resume restores all but the fields marked HERE."""
 
     train: str | None = None
@@ -247,7 +248,7 @@ def add_logging_arguments(group, value) -> None:
 
 
 def add_recipe_arguments(group, value) -> None:
-    """--preset, the five flags it decides (absent unless given), and the rest of the recipe;
+    """--preset, the flags it decides (absent unless given), and the rest of the recipe;
     `value(name)` is a flag's default."""
     group.add_argument(
         "--preset",
@@ -378,10 +379,12 @@ def check_flags(given: dict) -> None:
         raise UserError(f"--lr {given['lr']}: must be a positive number (for example 3e-3)")
     if "arch" in given:
         model.require_arch(given["arch"])
-    augments = given.get("augment", PRESETS[given.get("preset", "best")]["digits"].augment)
-    if given.get("elastic") and not augments:
+    preset = given.get("preset", "best")
+    augments = given.get("augment", all(r.augment for r in PRESETS[preset].values()))
+    if given.get("elastic") and not augments:  # the task is not known yet: every one must augment
+        why = "" if "augment" in given else f", and --preset {preset} does not augment every task"
         raise UserError(
-            f"--elastic {given['elastic']:g}: distorts augmented batches (add --augment)"
+            f"--elastic {given['elastic']:g}: distorts augmented batches{why} (add --augment)"
         )
     if given.get("tensorboard") is not None:
         import tensorboard_log

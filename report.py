@@ -365,9 +365,7 @@ def _model_section(models: list[dict], fig_dir: Path) -> list[str]:
     for k, m in enumerate(models, 1):
         cfg, data = m.get("config") or {}, m.get("data") or {}
         recipe = ", ".join(
-            f"{key.replace('_', ' ')} {cfg[key]}"
-            for key in RECIPE_KEYS
-            if key in cfg and cfg[key] is not None and (cfg[key] or key not in OFF_BY_ZERO)
+            f"{key.replace('_', ' ')} {cfg[key]}" for key in RECIPE_KEYS if _named(key, cfg)
         )
         trained = "unknown (the checkpoint predates this record)"
         if data:
@@ -397,8 +395,16 @@ def _model_section(models: list[dict], fig_dir: Path) -> list[str]:
 
 
 RECIPE_KEYS = ("preset", "epochs", "batch_size", "lr", "optimizer", "scheduler")
-RECIPE_KEYS += ("label_smoothing", "augment", "elastic", "ema", "seed")
+RECIPE_KEYS += ("label_smoothing", "augment", "augment_strength", "elastic", "ema", "seed")
 OFF_BY_ZERO = ("elastic", "ema")  # named only when on
+
+
+def _named(key: str, cfg: dict) -> bool:
+    """Whether the model section names this setting of a checkpoint's config: one it records,
+    but not a distortion that is off, nor the strength of distortions that are not drawn."""
+    if cfg.get(key) is None or (key in OFF_BY_ZERO and not cfg[key]):
+        return False
+    return key != "augment_strength" or bool(cfg.get("augment"))
 
 
 def _temperature_text(temperature: float) -> str:

@@ -25,7 +25,7 @@ IMPLEMENTATIONS = {
     "foreach": {"foreach": True},
     "fused": {"fused": True},
 }
-BATCH_SIZES = {"basic_bn": config.PRESETS["fast"]["digits"].batch_size}
+BATCH_SIZES = {recipe.arch: recipe.batch_size for recipe in config.PRESETS["fast"].values()}
 
 
 def median_ms(fn, steps: int) -> float:

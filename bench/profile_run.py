@@ -30,7 +30,7 @@ PROCESS_START = time.perf_counter()  # the interpreter's own start-up is not cou
 CATEGORIES = (
     ("convolution", ("convolution", "conv2d")),
     ("optimizer", ("_foreach", "adam", "lerp", "addcdiv", "addcmul", "sqrt")),
-    ("augmentation", ("grid_sampler", "affine_grid")),
+    ("augmentation", ("grid_sampler", "affine_grid", "bmm")),  # bmm: warp's sampling grid
     ("linear and loss", ("addmm", "::mm", "linear", "log_softmax", "nll_loss", "cross_entropy")),
     (
         "memory-bound layers",

@@ -145,7 +145,8 @@ def test_warp_resamples_where_torchs_affine_grid_points(shape):
     theta = torch.randn(shape[0], 2, 3, generator=torch.Generator().manual_seed(0))
     grid = torch.nn.functional.affine_grid(theta, list(shape), align_corners=False)
     expected = torch.nn.functional.grid_sample(x, grid, align_corners=False)
-    torch.testing.assert_close(dataset.warp(x, theta), expected, atol=1e-6, rtol=0)
+    # the same grid up to rounding: a last-bit difference moves a sample by millionths of a pixel
+    torch.testing.assert_close(dataset.warp(x, theta), expected, atol=1e-4, rtol=0)
 
 
 def test_an_elastic_field_at_its_largest_everywhere_is_a_shift_of_that_many_pixels():

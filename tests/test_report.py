@@ -234,6 +234,17 @@ def test_the_brier_score_is_the_squared_distance_to_the_truth():
     assert report.brier_score(probs[2:], labels[2:]) == pytest.approx(0.9)
 
 
+@pytest.mark.parametrize(
+    ("cfg", "named"),
+    [
+        ({"augment": True, "augment_strength": 0.5, "ema": 0.0}, ["augment", "augment_strength"]),
+        ({"augment": False, "augment_strength": 0.5, "ema": 0.999}, ["augment", "ema"]),
+    ],
+)
+def test_the_model_section_names_the_distortions_strength_only_when_it_distorts(cfg, named):
+    assert [key for key in report.RECIPE_KEYS if report._named(key, cfg)] == named
+
+
 def test_the_temperature_search_finds_a_minimum_evaluating_once_a_step():
     calls = []
 

@@ -284,7 +284,8 @@ def test_a_setting_newer_than_a_checkpoint_gets_its_default():
 
 @pytest.fixture(scope="module")
 def recipes(tmp_path_factory):
-    """Short runs on digits, on a Fashion-MNIST CSV and with --preset fast; the curves' titles."""
+    """Short runs on digits, on a Fashion-MNIST CSV, with --preset fast as users run it and
+    without its distortions; the curves' titles."""
     import plots
 
     folder = tmp_path_factory.mktemp("recipes")
@@ -294,11 +295,12 @@ def recipes(tmp_path_factory):
     runs = {
         "digits": quick_args(folder / "digits", "--epochs", "1", "--max-rows", "300"),
         "fashion": [*quick_args(folder / "fashion", "--epochs", "1"), "--train", str(fashion)],
-        "fast": [
-            *quick_args(folder / "fast", "--max-rows", "300", "--preset", "fast", "--no-augment")
-        ],
+        "fast": quick_args(folder / "fast", "--max-rows", "300", "--preset", "fast"),
+        "plain": quick_args(folder / "plain", "--max-rows", "300", "--preset", "fast"),
     }
-    runs["fast"].remove("--no-plots")
+    runs["plain"].append("--no-augment")
+    for plotted in ("fast", "plain"):
+        runs[plotted].remove("--no-plots")
     titles = []
     draw = plots.training_curves
     with pytest.MonkeyPatch.context() as mp:
@@ -317,7 +319,8 @@ def recipes(tmp_path_factory):
     [
         ("digits", ("strong", 1, 128, 3e-3, True, 1.0)),
         ("fashion", ("wide", 1, 128, 3e-3, True, 1.0)),
-        ("fast", ("small_bn", 4, 256, 1e-2, False, 0.5)),
+        ("fast", ("small_bn", 4, 256, 1e-2, True, 0.5)),
+        ("plain", ("small_bn", 4, 256, 1e-2, False, 0.5)),
     ],
 )
 def test_a_checkpoint_saves_the_recipe_its_run_used(recipes, run, expected):
@@ -326,15 +329,18 @@ def test_a_checkpoint_saves_the_recipe_its_run_used(recipes, run, expected):
     assert tuple(config[key] for key in RECIPE) == expected
 
 
-def test_a_run_without_augmentation_draws_no_augmentation_figure(recipes):
+@pytest.mark.parametrize(("run", "augmented"), [("fast", True), ("plain", False)])
+def test_a_run_draws_its_augmentation_only_when_it_augments(recipes, run, augmented):
     folder, _ = recipes
-    figures = {path.name for path in (folder / "fast" / "out").glob("*.png")}
-    assert figures == {"sample_images.png", "class_distribution.png", "training_curves.png"}
+    figures = {path.name for path in (folder / run / "out").glob("*.png")}
+    drawn = {"sample_images.png", "class_distribution.png", "training_curves.png"}
+    assert figures == drawn | ({"augmented_digits.png"} if augmented else set())
 
 
 def test_the_curves_say_how_training_metrics_were_measured(recipes):
     _, titles = recipes
-    assert titles == ["label-smoothed loss"]  # small_bn: no dropout; no augmented batches
+    # small_bn has no dropout
+    assert titles == ["augmented batches, label-smoothed loss", "label-smoothed loss"]
 
 
 @pytest.mark.parametrize(
@@ -560,6 +566,7 @@ def _bad_checkpoints(folder) -> None:
         (["--ema", "1"], "--ema 1.0: must be in [0, 1)"),
         (["--elastic", "9"], "--elastic 9.0: must be in [0, 8]"),
         (["--no-augment", "--elastic", "2"], "--elastic 2: distorts augmented batches"),
+        (["--preset", "fast", "--elastic", "2"], "--preset fast does not augment every task"),
         (["--max-rows", "1"], "--max-rows 1: must be at least 2"),
         (["--val-split", "1.5"], "--val-split 1.5: must be between 0 and 1"),
         (["--val-split", "0"], "--val-split 0.0: must be between 0 and 1"),
