@@ -1,10 +1,10 @@
 """Time to accuracy on the real job: the peer against the project's presets, in one run.
 
 The peer (bench/peer_curve.py: ../shared/bench/peer_seed.py scored after each epoch) and, on each
-numerics path of this CPU (its default and fp32), `python train.py --preset P [--epochs E]` for
-each point of the plan, each from an empty parse cache, timed from process start to exit; its
-test accuracy is what train.py prints at the end (best.pt, calibrated). Writes the figure, a
-JSON of every point, and prints the table with the ratios:
+numerics path of this CPU (its default and fp32), `python train.py --preset P [--epochs E]
+[--max-rows R]` for each point of the plan, each from an empty parse cache, timed from process
+start to exit; its test accuracy is what train.py prints at the end (best.pt, calibrated).
+Writes the figure, a JSON of every point, and prints the table with the ratios:
 
 - `--preset fast` (its own epochs) against the peer's last point: time ratio (target 10x) and
   whether it reached the peer's accuracy;
@@ -12,7 +12,10 @@ JSON of every point, and prints the table with the ratios:
   ratio of times (target 5x).
 
 usage: python bench/time_to_accuracy.py [--train CSV] [--test CSV] [--peer-epochs 15]
-           [--plan fast:1,2,3 best:15] [--figure docs/time_to_accuracy.png] [--out F.json]
+           [--plan fast:1,2,3,4,6,8 fast:1@30000 best:2] [--figure docs/time_to_accuracy.png]
+           [--out F.json]
+A plan item PRESET:E1,E2@R trains the preset for E1, then E2 epochs on the first R training rows
+(a fraction of an epoch of the whole file); a bare PRESET: its own epochs, on every row.
 Default files: ../shared/data/mnist_{train,test}.csv.gz (54,113 + 10,000 MNIST digits).
 """
 
@@ -49,31 +52,36 @@ def own_epochs(preset: str) -> int:
     return config.PRESETS[preset]["digits"].epochs
 
 
-def parse_plan(items: list[str]) -> list[tuple[str, int]]:
-    """`fast:1,2 fast best:15` as (preset, epochs) pairs, each once; a bare preset: its own
-    epochs."""
+def parse_plan(items: list[str]) -> list[tuple[str, int, int | None]]:
+    """`fast:1,2 fast:1@30000 best:15` as (preset, epochs, rows) triples, each once; a bare
+    preset: its own epochs; rows None: every row."""
     plan = []
     for item in items:
-        preset, _, epochs = item.partition(":")
+        spec, _, rows = item.partition("@")
+        preset, _, epochs = spec.partition(":")
         if preset not in config.PRESETS:
             sys.exit(f"--plan {item}: no preset {preset!r} (one of {', '.join(config.PRESETS)})")
         given = [int(e) for e in epochs.split(",")] if epochs else [own_epochs(preset)]
-        plan += [(preset, e) for e in given if (preset, e) not in plan]
+        points = [(preset, e, int(rows) if rows else None) for e in given]
+        plan += [point for point in points if point not in plan]
     return plan
 
 
-def project_point(args, preset: str, epochs: int, precision: str, tmp: Path) -> dict:
+def project_point(args, point: tuple[str, int, int | None], precision: str, tmp: Path) -> dict:
     """One train.py run as a user types it, from an empty parse cache."""
+    preset, epochs, rows = point
     folder = Path(tempfile.mkdtemp(dir=tmp))
     env = {**os.environ, "MNIST_CACHE_DIR": str(folder / "cache")}
     cmd = [sys.executable, str(ROOT / "train.py"), "--train", args.train, "--test", args.test]
     cmd += ["--preset", preset, "--precision", precision, "--device", "cpu"]
     cmd += ["--out-dir", str(folder), "--model-dir", str(folder), "--epochs", str(epochs)]
+    cmd += ["--max-rows", str(rows)] if rows else []
     seconds, _ = wall(cmd, env)
     metrics = json.loads((folder / "metrics.json").read_text())
     return {
         "preset": preset,
         "epochs": epochs,
+        "max_rows": rows,
         "precision": precision,
         "seconds": round(seconds, 1),
         "test_acc": metrics["test_acc"],
@@ -96,7 +104,17 @@ def ratios(peer: list[list[float]], ours: list[dict]) -> list[dict]:
 
 
 def label(point: dict) -> str:
-    return f"--preset {point['preset']} --epochs {point['epochs']}"
+    rows = f" --max-rows {point['max_rows']}" if point.get("max_rows") else ""
+    return f"--preset {point['preset']} --epochs {point['epochs']}{rows}"
+
+
+def series(ours: list[dict]) -> dict[tuple, list[dict]]:
+    """The project's points by preset, numerics path and rows trained on, each in time order."""
+    lines = {}
+    for point in sorted(ours, key=lambda p: p["seconds"]):
+        key = (point["preset"], point["precision"], point.get("max_rows"))
+        lines.setdefault(key, []).append(point)
+    return lines
 
 
 def draw(peer: list[list[float]], ours: list[dict], names: dict, rows: int, path: Path) -> None:
@@ -115,27 +133,20 @@ def draw(peer: list[list[float]], ours: list[dict], names: dict, rows: int, path
     ax.plot(xs, errors, "o-", color="0.5", label="peer (seed pipeline), fp32")
     fifths = [x / 5 for x in xs]
     ax.plot(fifths, errors, ":", color="0.6", label="the peer at a fifth of its time (the 5x goal)")
-    for preset in config.PRESETS:
-        for precision, name in names.items():
-            line = sorted(
-                (p for p in ours if (p["preset"], p["precision"]) == (preset, precision)),
-                key=lambda p: p["seconds"],
+    for (preset, precision, first), line in series(ours).items():
+        name = f"--preset {preset}, {names[precision]}" + (
+            f", first {first:,} rows" if first else ""
+        )
+        errors = [100 * (1 - p["test_acc"]) for p in line]
+        ax.plot([p["seconds"] for p in line], errors, "s-" if first is None else "D", label=name)
+        for p, error in zip(line, errors, strict=True):
+            ax.annotate(
+                f"{p['epochs']}",
+                (p["seconds"], error),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=8,
             )
-            if line:
-                ax.plot(
-                    [p["seconds"] for p in line],
-                    [100 * (1 - p["test_acc"]) for p in line],
-                    "s-",
-                    label=f"--preset {preset}, {name}",
-                )
-                for p in line:
-                    ax.annotate(
-                        f"{p['epochs']}",
-                        (p["seconds"], 100 * (1 - p["test_acc"])),
-                        textcoords="offset points",
-                        xytext=(4, 4),
-                        fontsize=8,
-                    )
     ax.set(
         xscale="log",
         yscale="log",
@@ -163,16 +174,17 @@ def report(peer: list[list[float]], ours: list[dict], names: dict) -> None:
         print(f"| peer | fp32 | {epoch} | {seconds:.1f} | {acc:.2%} |")
     for p in ours:
         print(
-            f"| --preset {p['preset']} | {names[p['precision']]} | {p['epochs']} | "
+            f"| {label(p)} | {names[p['precision']]} | {p['epochs']} | "
             f"{p['seconds']:.1f} | {p['test_acc']:.2%} |"
         )
     peer_s, peer_acc = peer[-1]
     for precision, name in names.items():
         for p in ours:
-            if (p["preset"], p["precision"], p["epochs"]) == (
+            if (p["preset"], p["precision"], p["epochs"], p.get("max_rows")) == (
                 "fast",
                 precision,
                 own_epochs("fast"),
+                None,
             ):
                 met = "reached" if p["test_acc"] >= peer_acc else "did NOT reach"
                 print(
@@ -199,7 +211,7 @@ def main() -> None:
     p.add_argument("--train", default=str(SHARED / "data/mnist_train.csv.gz"))
     p.add_argument("--test", default=str(SHARED / "data/mnist_test.csv.gz"))
     p.add_argument("--peer-epochs", type=int, default=15)
-    p.add_argument("--plan", nargs="+", default=["fast:1,2,3", "fast", "best"])
+    p.add_argument("--plan", nargs="+", default=["fast:1,2,3,4,6,8", "fast:1@30000", "best:2"])
     p.add_argument("--figure", type=Path, default=ROOT / "docs" / "time_to_accuracy.png")
     p.add_argument("--out", type=Path, help="every point as JSON here")
     args = p.parse_args()
@@ -220,9 +232,9 @@ def main() -> None:
     peer = peer_run["points"]
     with tempfile.TemporaryDirectory() as tmp:
         ours = [
-            project_point(args, preset, epochs, precision, Path(tmp))
+            project_point(args, point, precision, Path(tmp))
             for precision in names
-            for preset, epochs in plan
+            for point in plan
         ]
     report(peer, ours, names)
     draw(peer, ours, names, peer_run["train_rows"], args.figure)
