@@ -60,8 +60,8 @@ HERE = {"here": True}  # a setting of how to run on this machine: --resume takes
 class Config:
     """Every setting of one training run. The defaults are what `python train.py` uses on
     digits; the recipe fields (arch to augment, and augment_strength) follow --preset and the
-    task unless a flag gives
-    them. Saved in every checkpoint; --resume restores all but the fields marked HERE."""
+    task unless a flag gives them. Saved in every checkpoint; --resume restores all but the
+    fields marked HERE."""
 
     train: str | None = None
     test: str | None = None

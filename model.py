@@ -97,22 +97,27 @@ def basic_bn(num_classes: int = 10) -> nn.Module:
 
 
 @register("small_bn")
-def small_bn(num_classes: int = 10) -> nn.Module:
+def small_bn(
+    num_classes: int = 10, *, channels: tuple[int, int] = (24, 32), dropout: float = 0.0
+) -> nn.Module:
     """A quarter of `basic_bn`'s parameters at about three times its training speed on a CPU: an
     unpadded 5x5 conv of 24 (24x24 pixels) and a 3x3 conv of 32 (10x10), each pooled, then batch
-    norm and ReLU, and a 256-unit dense layer. The `--preset fast` network for digits."""
+    norm and ReLU, and a 256-unit dense layer. The `--preset fast` network for digits; other
+    `channels` and a `dropout` before the last layer are bench/study_archs.py's variants."""
+    a, b = channels
     return nn.Sequential(
-        nn.Conv2d(1, 24, 5, bias=False),
+        nn.Conv2d(1, a, 5, bias=False),
         nn.MaxPool2d(2),
-        nn.BatchNorm2d(24),
+        nn.BatchNorm2d(a),
         nn.ReLU(),
-        nn.Conv2d(24, 32, 3, bias=False),
+        nn.Conv2d(a, b, 3, bias=False),
         nn.MaxPool2d(2),
-        nn.BatchNorm2d(32),
+        nn.BatchNorm2d(b),
         nn.ReLU(),
         nn.Flatten(),
-        nn.Linear(32 * 5 * 5, 256),
+        nn.Linear(b * 5 * 5, 256),
         nn.ReLU(),
+        *([nn.Dropout(dropout)] if dropout else []),
         nn.Linear(256, num_classes),
     )
 

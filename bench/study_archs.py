@@ -9,7 +9,7 @@ from functools import partial
 
 from torch import nn
 
-from model import _conv_bn, register, strong
+from model import _conv_bn, register, small_bn, strong
 
 
 def _head(channels: int, num_classes: int) -> list[nn.Module]:
@@ -82,26 +82,6 @@ def slimp(num_classes: int = 10) -> nn.Module:
     )
 
 
-def _small(num_classes: int = 10, *, a: int, b: int, dropout: float = 0.0) -> nn.Module:
-    """`small_bn` with `a` and `b` filters in its two convolutions, and dropout before the last
-    layer when given."""
-    return nn.Sequential(
-        nn.Conv2d(1, a, 5, bias=False),
-        nn.MaxPool2d(2),
-        nn.BatchNorm2d(a),
-        nn.ReLU(),
-        nn.Conv2d(a, b, 3, bias=False),
-        nn.MaxPool2d(2),
-        nn.BatchNorm2d(b),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(b * 5 * 5, 256),
-        nn.ReLU(),
-        *([nn.Dropout(dropout)] if dropout else []),
-        nn.Linear(256, num_classes),
-    )
-
-
 # name: builder(num_classes=10), registered for the bench scripts on import
 BUILDERS = {
     "s2d64": partial(_space_to_depth, a=64, b=128),
@@ -114,11 +94,11 @@ BUILDERS = {
     "strong24": partial(strong, width=24),
     "strong20": partial(strong, width=20),
     # the fast preset's network (small_bn: 24, 32) and its neighbours
-    "small16_32": partial(_small, a=16, b=32),
-    "small32_32": partial(_small, a=32, b=32),
-    "small24_48": partial(_small, a=24, b=48),
-    "small32_64": partial(_small, a=32, b=64),
-    "small24_32d": partial(_small, a=24, b=32, dropout=0.25),
+    "small16_32": partial(small_bn, channels=(16, 32)),
+    "small32_32": partial(small_bn, channels=(32, 32)),
+    "small24_48": partial(small_bn, channels=(24, 48)),
+    "small32_64": partial(small_bn, channels=(32, 64)),
+    "small24_32d": partial(small_bn, dropout=0.25),
 }
 for name, builder in BUILDERS.items():
     register(name)(builder)

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from common import machine
-from real_job import TRAIN, validation_by_writers
+from real_job import TRAIN, mean, validation_by_writers
 from study_archs import STUDY
 
 import train
@@ -57,12 +57,10 @@ def main() -> None:
             if args.out:
                 with args.out.open("a") as f:
                     f.write(json.dumps(runs[-1]) + "\n")
-    accs = [r["val_acc"] for r in runs]
-    spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
     print(
         f"\n{machine()}; {runs[0]['numerics']}; train.py {' '.join(args.flags)}\n"
         f"validation by writers, seeds {' '.join(map(str, args.seeds))}: "
-        f"{100 * statistics.mean(accs):.2f}% +- {100 * spread:.2f}; "
+        f"{mean([r['val_acc'] for r in runs])}; "
         f"training {statistics.mean(r['train_seconds'] for r in runs):.1f} s"
     )
 
