@@ -674,8 +674,10 @@ def train(
     (on rank 0; the others return {})."""
     started = time.perf_counter()
     draft = Config(**given)  # the recipe waits for the task
+    # rank 0 alone writes there; another rank's probe could find a folder rank 0's just removed
     for directory, flag in ((draft.model_dir, "--model-dir"), (draft.out_dir, "--out-dir")):
-        ensure_writable(directory, flag)
+        if ranks.main:
+            ensure_writable(directory, flag)
     with folder_lock(draft.model_dir, "--model-dir") if ranks.main else nullcontext():
         name = ddp.device_name(draft.device, ranks, torch.cuda.is_available())
         device, precision = model.setup_device(name, draft.precision)
